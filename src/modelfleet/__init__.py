@@ -1,0 +1,51 @@
+"""modelfleet: run a fleet of LLM model workers behind RabbitMQ.
+
+The public API is what ``__all__`` lists; everything else is private and may change.
+
+>>> async with Client(url="amqp://guest:guest@127.0.0.1/") as client:
+...     print(await client.submit("llama", {"prompt": "hello"}, timeout=30))
+"""
+
+__version__ = "0.1.0"
+
+from modelfleet.client import Client, JobStream
+from modelfleet.config import Settings, load_settings
+from modelfleet.errors import (
+    BrokerError,
+    ConfigError,
+    ErrorCode,
+    ExpiredError,
+    InvalidJobError,
+    InvalidModelError,
+    JobError,
+    JobTimeoutError,
+    ModelfleetError,
+    NoWorkerError,
+    OverloadedError,
+    WorkerError,
+)
+from modelfleet.jobs import Final, Job
+from modelfleet.worker import Worker
+
+__all__ = [
+    "BrokerError",
+    "Client",
+    "ConfigError",
+    "ErrorCode",
+    "ExpiredError",
+    "Final",
+    "InvalidJobError",
+    "InvalidModelError",
+    "Job",
+    "JobError",
+    "JobStream",
+    "JobTimeoutError",
+    "ModelfleetError",
+    "NoWorkerError",
+    "OverloadedError",
+    "Settings",
+    "Worker",
+    "WorkerError",
+    "__version__",
+    "load_settings",
+]

@@ -1,0 +1,331 @@
+"""The producer's client: submit jobs, get results or streams, or an error named for its cause.
+
+>>> async with Client(url="amqp://guest:guest@127.0.0.1/", namespace="modelfleet") as client:
+...     result = await client.submit("llama", {"prompt": "hi"}, timeout=30)
+...     async with client.stream("llama", {"prompt": "hi there"}) as stream:
+...         async for chunk in stream:
+...             print(chunk)
+...     print(stream.result)
+
+One connection and one channel carry any number of concurrent jobs: replies come back over
+RabbitMQ's direct reply-to (no queue per request, no lock per request) and are matched by
+correlation id. Every job carries its deadline as the message's expiration, so a job whose
+producer gave up is never run later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from pydantic import ValidationError
+
+from modelfleet.config import Settings
+from modelfleet.connections import connect
+from modelfleet.errors import (
+    BrokerError,
+    InvalidJobError,
+    InvalidModelError,
+    JobError,
+    JobTimeoutError,
+    OverloadedError,
+    error_for_code,
+)
+from modelfleet.messages import (
+    ChunkReply,
+    ErrorReply,
+    JobRequest,
+    ResultReply,
+    check_model_name,
+    parse_reply,
+)
+from modelfleet.topology import DEADLINE_HEADER, Names, Topology, json_message
+
+__all__ = ["Client", "JobStream"]
+
+log = logging.getLogger(__name__)
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+
+_Reply = ResultReply | ChunkReply | ErrorReply
+
+
+class Client:
+    """Submits jobs to a modelfleet namespace.
+
+    Keywords:
+        settings: ``amqp.*``, ``namespace``, ``client.timeout_s``, ``worker.max_payload_bytes``.
+        url: AMQP URL (overrides ``settings.amqp.url``).
+        namespace: overrides ``settings.namespace``.
+        timeout: default job deadline in seconds (overrides ``client.timeout_s``).
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        url: str | None = None,
+        namespace: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.url = url or self.settings.amqp.url
+        self.names = Names(namespace or self.settings.namespace)
+        self.timeout = timeout or self.settings.client.timeout_s
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._jobs: AbstractExchange | None = None
+        self._reply_queue: AbstractQueue | None = None
+        self._pending: dict[str, asyncio.Queue[_Reply]] = {}
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        if self._connection is not None:
+            return
+        self._connection = await connect(self.settings.amqp, role="client", url=self.url)
+        try:
+            self._channel = await self._connection.channel(publisher_confirms=True)
+            topology = Topology(self.names, self.settings.routing, self.settings.heartbeat)
+            self._jobs = await topology.declare_jobs(self._channel)
+            # Direct reply-to: consume the pseudo-queue (no-ack) on the channel we publish from.
+            self._reply_queue = await self._channel.declare_queue(DIRECT_REPLY_TO, passive=True)
+            await self._reply_queue.consume(self._on_reply, no_ack=True)
+        except Exception:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    @property
+    def pending(self) -> int:
+        """Jobs submitted and not yet answered."""
+        return len(self._pending)
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        waiter = self._pending.get(message.correlation_id or "")
+        if waiter is None:
+            return  # a late answer to a job whose producer already gave up
+        try:
+            reply = parse_reply(message.body)
+        except ValidationError as exc:
+            log.warning("dropping malformed reply for job %s: %s", message.correlation_id, exc)
+            return
+        waiter.put_nowait(reply)
+
+    def _encode(self, model: str, payload: Any, deadline: float, stream: bool) -> bytes:
+        try:
+            check_model_name(model)
+        except ValueError as exc:
+            raise InvalidModelError(str(exc), model=str(model)[:100], job_id="-") from None
+        try:
+            body = JobRequest(model=model, payload=payload, deadline=deadline, stream=stream)
+            data = body.model_dump_json().encode()
+        except (ValidationError, ValueError, TypeError) as exc:
+            raise InvalidJobError(f"payload is not JSON-serialisable: {exc}", model=model, job_id="-") from None
+        limit = self.settings.worker.max_payload_bytes
+        if len(data) > limit:
+            raise InvalidJobError(
+                f"job body is {len(data)} bytes, above worker.max_payload_bytes ({limit})",
+                model=model,
+                job_id="-",
+            )
+        return data
+
+    async def _publish(self, model: str, job_id: str, body: bytes, timeout: float) -> None:
+        if self._jobs is None:
+            raise BrokerError("client is not connected: use 'async with Client(...)'")
+        deadline = time.time() + timeout
+        message = json_message(
+            body,
+            message_id=job_id,
+            correlation_id=job_id,
+            reply_to=DIRECT_REPLY_TO,
+            # The job's deadline is its time-to-live: nobody runs a job its producer gave up on.
+            expiration=max(timeout, 0.001),
+            headers={DEADLINE_HEADER: deadline},
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            timestamp=time.time(),
+            type="job",
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                # The jobs exchange has an alternate exchange: an unroutable job is caught there
+                # and answered with NO_WORKER, so `mandatory` is not needed.
+                await self._jobs.publish(message, routing_key=model, mandatory=False)
+        except TimeoutError:
+            raise JobTimeoutError(
+                f"the broker did not accept the job within {timeout:g}s (is RabbitMQ reachable?)",
+                model=model,
+                job_id=job_id,
+            ) from None
+        except aio_pika.exceptions.DeliveryError as exc:
+            # A nack: the model's queue is full (x-overflow=reject-publish).
+            raise OverloadedError(
+                "the model's queue is full; retry later or add workers",
+                model=model,
+                job_id=job_id,
+            ) from exc
+        except (aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+            raise BrokerError(f"job {job_id} for model {model!r} was not published: {exc}") from exc
+
+    def _start(self, model: str, payload: Any, timeout: float | None, stream: bool) -> _Job:
+        timeout = self.timeout if timeout is None else timeout
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        job_id = uuid.uuid4().hex
+        deadline = time.monotonic() + timeout
+        body = self._encode(model, payload, time.time() + timeout, stream)
+        queue: asyncio.Queue[_Reply] = asyncio.Queue()
+        self._pending[job_id] = queue
+        return _Job(self, model, job_id, body, timeout, deadline, queue)
+
+    async def submit(self, model: str, payload: Any = None, *, timeout: float | None = None) -> Any:
+        """Run a job and return its result.
+
+        Raises :class:`NoWorkerError` (no live worker, at once), :class:`JobTimeoutError`,
+        :class:`WorkerError`, :class:`OverloadedError`, :class:`InvalidJobError` or
+        :class:`InvalidModelError` — each with ``.code``, ``.model`` and ``.job_id``.
+        """
+        job = self._start(model, payload, timeout, stream=False)
+        try:
+            await job.publish()
+            while True:
+                reply = await job.next_reply()
+                if isinstance(reply, ResultReply):
+                    return reply.result
+        finally:
+            job.finish()
+
+    def stream(self, model: str, payload: Any = None, *, timeout: float | None = None) -> JobStream:
+        """Run a streaming job: ``async for chunk in client.stream(...)``; the final result is
+        ``stream.result`` after the loop. Use as ``async with`` to release it early."""
+        return JobStream(self._start(model, payload, timeout, stream=True))
+
+
+class _Job:
+    """One submitted job's bookkeeping (internal)."""
+
+    def __init__(
+        self,
+        client: Client,
+        model: str,
+        job_id: str,
+        body: bytes,
+        timeout: float,
+        deadline: float,
+        replies: asyncio.Queue[_Reply],
+    ) -> None:
+        self.client = client
+        self.model = model
+        self.job_id = job_id
+        self.body = body
+        self.timeout = timeout
+        self.deadline = deadline
+        self.replies = replies
+
+    async def publish(self) -> None:
+        await self.client._publish(self.model, self.job_id, self.body, self.timeout)
+
+    async def next_reply(self) -> ResultReply | ChunkReply:
+        remaining = self.deadline - time.monotonic()
+        try:
+            async with asyncio.timeout(max(remaining, 0)):
+                reply = await self.replies.get()
+        except TimeoutError:
+            raise JobTimeoutError(
+                f"no answer within {self.timeout:g}s (workers busy, hung or gone)",
+                model=self.model,
+                job_id=self.job_id,
+            ) from None
+        if isinstance(reply, ErrorReply):
+            raise error_for_code(reply.code, reply.message, model=self.model, job_id=self.job_id)
+        return reply
+
+    def finish(self) -> None:
+        self.client._pending.pop(self.job_id, None)
+
+
+class JobStream:
+    """Async iterator over a streamed job's chunks; ``result`` holds the final value after."""
+
+    def __init__(self, job: _Job) -> None:
+        self._job = job
+        self._published = False
+        self._next_seq = 0
+        self.done = False
+        self.result: Any = None
+
+    @property
+    def job_id(self) -> str:
+        return self._job.job_id
+
+    @property
+    def model(self) -> str:
+        return self._job.model
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._chunks()
+
+    async def __aenter__(self) -> JobStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._job.finish()
+
+    async def _chunks(self) -> AsyncIterator[Any]:
+        try:
+            if not self._published:
+                self._published = True
+                await self._job.publish()
+            while not self.done:
+                reply = await self._job.next_reply()
+                if isinstance(reply, ResultReply):
+                    self.result = reply.result
+                    self.done = True
+                    return
+                # A job redelivered after its worker died restarts at seq 0: skip what we have.
+                if reply.seq < self._next_seq:
+                    continue
+                self._next_seq = reply.seq + 1
+                yield reply.data
+        finally:
+            self._job.finish()
+
+    async def collect(self) -> list[Any]:
+        """All chunks, in order (the final result is then in ``result``)."""
+        return [chunk async for chunk in self]
+
+
+def error_json(exc: JobError) -> str:
+    """The one-line JSON the CLI prints for a failed job."""
+    return json.dumps(exc.to_dict())

@@ -1,0 +1,253 @@
+"""Configuration loader: dynaconf in, frozen pydantic settings out.
+
+This is the only module that imports dynaconf. Sources, lowest precedence first:
+
+1. the defaults below (``config/settings.toml`` documents each one with a comment);
+2. a TOML file: ``--config FILE``, else ``$MODELFLEET_CONFIG``, else ``./config/settings.toml``
+   when it exists;
+3. a secrets file: ``$MODELFLEET_SECRETS_FILE``, else ``./config/.secrets.toml`` when it exists
+   (keep credentials there or in the environment, never in settings.toml);
+4. environment variables ``MODELFLEET_<SECTION>__<KEY>``, for example ``MODELFLEET_AMQP__URL``,
+   ``MODELFLEET_NAMESPACE`` or ``MODELFLEET_HEARTBEAT__TIMEOUT``.
+
+Every duration carries its unit in its name (``interval_s``); the short names the issue tracker
+and FastChat users know (``heartbeat.interval``, ``heartbeat.timeout``) are accepted as aliases.
+A bad value raises :class:`~modelfleet.errors.ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from modelfleet.errors import ConfigError
+
+__all__ = [
+    "AmqpSettings",
+    "ClientSettings",
+    "HeartbeatSettings",
+    "HttpSettings",
+    "RoutingSettings",
+    "Settings",
+    "WorkerSettings",
+    "load_settings",
+]
+
+ENV_PREFIX = "MODELFLEET"
+DEFAULT_CONFIG_PATH = Path("config/settings.toml")
+DEFAULT_SECRETS_PATH = Path("config/.secrets.toml")
+
+# A namespace prefixes every exchange and queue name, so keep it to characters that read well in
+# `rabbitmqctl list_queues` and never collide with the `.` separator we put between parts.
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class AmqpSettings(_Section):
+    # Credentials belong in MODELFLEET_AMQP__URL or the secrets file, not in settings.toml.
+    url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # AMQP connection heartbeat: a dead TCP peer is noticed after ~2 of these (the broker's
+    # default of 60 s would leave a vanished worker's jobs locked for minutes).
+    heartbeat_s: int = Field(5, ge=1, le=600)
+    # How long one connection attempt may take before we report the broker unreachable.
+    connect_timeout_s: float = Field(10.0, gt=0)
+    # Pause between reconnection attempts of a robust connection.
+    reconnect_interval_s: float = Field(1.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError("must look like amqp://user:password@host:5672/vhost (or amqps://)")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from None
+        return value
+
+
+class HeartbeatSettings(_Section):
+    # Workers publish their state this often.
+    interval_s: float = Field(2.0, gt=0, validation_alias=AliasChoices("interval_s", "interval"))
+    # A worker silent this long is evicted; three missed heartbeats by default.
+    timeout_s: float = Field(6.0, gt=0, validation_alias=AliasChoices("timeout_s", "timeout"))
+    # How often the sweeper looks for silent workers: eviction happens within timeout + this.
+    sweep_interval_s: float = Field(0.5, gt=0)
+    # Mass-silence guard: when more than this share of a fleet of at least `guard_min_workers`
+    # goes silent in one sweep, suspect the broker (memory alarm, partition), not the workers.
+    guard_silent_ratio: float = Field(0.5, gt=0, le=1)
+    guard_min_workers: int = Field(3, ge=2)
+    # Heartbeats older than this in the controller's queue are dropped by the broker.
+    queue_ttl_s: float = Field(10.0, gt=0)
+    # Cap on the controller's heartbeat backlog (drop-head): a slow controller never falls behind.
+    queue_max_length: int = Field(100_000, ge=100)
+
+    @model_validator(mode="after")
+    def _timeout_above_interval(self) -> HeartbeatSettings:
+        if self.timeout_s <= self.interval_s:
+            raise ValueError(
+                f"heartbeat.timeout_s ({self.timeout_s}) must be larger than "
+                f"heartbeat.interval_s ({self.interval_s})"
+            )
+        return self
+
+
+class RoutingSettings(_Section):
+    # After the last worker of a model goes, wait this long (a restart) before unbinding its
+    # queue and failing its backlog with NO_WORKER.
+    no_worker_grace_s: float = Field(3.0, ge=0)
+    # A job delivered this many times without an answer (it keeps killing workers) dead-letters
+    # with reason delivery_limit.
+    delivery_limit: int = Field(3, ge=1)
+    # A model queue holding this many jobs refuses new ones: the producer gets OVERLOADED.
+    max_queue_length: int = Field(100_000, ge=1)
+    # Cap on distinct models: bounds queues and metric series a flood of fake names could create.
+    max_models: int = Field(1_000, ge=1)
+    # How often the controller reads queue depths and re-asserts bindings.
+    stats_interval_s: float = Field(2.0, gt=0)
+    # Listen-only window after a controller starts (no evictions, no unbinding); default: one
+    # heartbeat timeout, so a restart never produces false NO_WORKER errors.
+    startup_listen_s: float | None = Field(None, ge=0)
+    # A model unbound and workerless this long is forgotten (dropped from status and catalog).
+    forget_after_s: float = Field(600.0, gt=0)
+    # The error queue is bounded (drop-head) so a storm of failures cannot fill the broker.
+    errors_max_length: int = Field(1_000_000, ge=1)
+
+
+class WorkerSettings(_Section):
+    # Jobs one worker runs at once (also its prefetch per model queue).
+    concurrency: int = Field(4, ge=1, le=10_000)
+    # On SIGTERM: how long in-flight jobs may take to finish before they are handed back.
+    stop_grace_s: float = Field(30.0, ge=0)
+    # A job whose body is larger than this is refused with INVALID_JOB.
+    max_payload_bytes: int = Field(1_048_576, ge=64)
+    # A job running longer than this is reported stuck in heartbeats.
+    stuck_after_s: float = Field(300.0, gt=0)
+    # Relative speed advertised to the controller (FastChat's WorkerInfo.speed).
+    speed: float = Field(1.0, gt=0)
+
+
+class ClientSettings(_Section):
+    # Default deadline of a job, from publish to final answer; also its time-to-live in the queue.
+    timeout_s: float = Field(60.0, gt=0)
+
+
+class HttpSettings(_Section):
+    # The controller's status API (/v1/models, /v1/workers, /healthz, /metrics).
+    host: str = "127.0.0.1"
+    port: int = Field(21001, ge=0, le=65535)
+
+
+class Settings(_Section):
+    """All of modelfleet's settings, frozen. Build with :func:`load_settings`."""
+
+    # Prefix of every exchange and queue; two namespaces on one broker never see each other.
+    namespace: str = "modelfleet"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    amqp: AmqpSettings = AmqpSettings()
+    heartbeat: HeartbeatSettings = HeartbeatSettings()
+    routing: RoutingSettings = RoutingSettings()
+    worker: WorkerSettings = WorkerSettings()
+    client: ClientSettings = ClientSettings()
+    http: HttpSettings = HttpSettings()
+
+    @field_validator("namespace")
+    @classmethod
+    def _check_namespace(cls, value: str) -> str:
+        if not _NAMESPACE_RE.match(value):
+            raise ValueError("must be 1-64 characters: letters, digits, '_' or '-'")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def startup_listen_s(self) -> float:
+        listen = self.routing.startup_listen_s
+        return self.heartbeat.timeout_s if listen is None else listen
+
+
+def _lower_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k).lower(): _lower_keys(v) for k, v in value.items()}
+    return value
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "settings"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown setting"
+    shown = first.get("input")
+    if first["type"] != "extra_forbidden" and not isinstance(shown, dict):
+        return f"{key}: {message} (got {shown!r})"
+    return f"{key}: {message}"
+
+
+def settings_from_mapping(data: dict[str, Any]) -> Settings:
+    """Validate a plain mapping (sections as nested dicts) into :class:`Settings`."""
+    try:
+        return Settings.model_validate(_lower_keys(data))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def load_settings(config_file: str | os.PathLike[str] | None = None) -> Settings:
+    """Read the TOML file, secrets and ``MODELFLEET_*`` environment into frozen settings.
+
+    Raises :class:`ConfigError` (one line naming the key) for a bad value or a missing file
+    that was asked for explicitly.
+    """
+    from dynaconf import Dynaconf  # the only dynaconf import in modelfleet
+
+    files: list[str] = []
+    explicit = config_file or os.environ.get(f"{ENV_PREFIX}_CONFIG")
+    if explicit:
+        if not Path(explicit).is_file():
+            raise ConfigError(f"config file {str(explicit)!r} does not exist")
+        files.append(str(explicit))
+    elif DEFAULT_CONFIG_PATH.is_file():
+        files.append(str(DEFAULT_CONFIG_PATH))
+    secrets = os.environ.get(f"{ENV_PREFIX}_SECRETS_FILE")
+    if secrets:
+        if not Path(secrets).is_file():
+            raise ConfigError(f"secrets file {secrets!r} does not exist")
+        files.append(secrets)
+    elif DEFAULT_SECRETS_PATH.is_file():
+        files.append(str(DEFAULT_SECRETS_PATH))
+
+    try:
+        raw = Dynaconf(
+            envvar_prefix=ENV_PREFIX,
+            settings_files=files,
+            environments=False,
+            load_dotenv=False,
+            merge_enabled=True,
+            # Only our own keys: MODELFLEET_CONFIG / _SECRETS_FILE select files, they are not settings.
+            ignore_unknown_envvars=False,
+        )
+        data = raw.as_dict()
+    except Exception as exc:  # dynaconf raises many types for a broken TOML file
+        raise ConfigError(f"cannot read settings: {exc}") from None
+    data = {k: v for k, v in _lower_keys(data).items() if k not in ("config", "secrets_file")}
+    return settings_from_mapping(data)

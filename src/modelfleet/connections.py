@@ -1,0 +1,56 @@
+"""Opening RabbitMQ connections the same way everywhere: robust, short AMQP heartbeat, bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aio_pika
+from aio_pika.abc import AbstractRobustConnection
+
+from modelfleet.config import AmqpSettings
+from modelfleet.errors import BrokerError
+
+__all__ = ["connect", "redact"]
+
+log = logging.getLogger(__name__)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _with_params(url: str, amqp: AmqpSettings, name: str) -> str:
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    # The URL's own query wins: an operator who wrote ?heartbeat=30 meant it.
+    query.setdefault("heartbeat", str(amqp.heartbeat_s))
+    query.setdefault("reconnect_interval", str(amqp.reconnect_interval_s))
+    query.setdefault("name", name)
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+async def connect(amqp: AmqpSettings, *, role: str, url: str | None = None) -> AbstractRobustConnection:
+    """A robust connection (re-connects, re-declares, re-consumes) named for its role.
+
+    Raises :class:`BrokerError` if the first connection cannot be made within
+    ``amqp.connect_timeout_s``.
+    """
+    target = url or amqp.url
+    name = f"modelfleet-{role}@{socket.gethostname()}:{os.getpid()}"
+    try:
+        return await asyncio.wait_for(
+            aio_pika.connect_robust(_with_params(target, amqp, name)),
+            timeout=amqp.connect_timeout_s,
+        )
+    except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise BrokerError(f"cannot connect to RabbitMQ at {redact(target)}: {reason}") from exc

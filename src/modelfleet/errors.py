@@ -1,0 +1,131 @@
+"""Errors a modelfleet user can see, and the numeric codes they travel with.
+
+The hierarchy::
+
+    ModelfleetError
+    ├── ConfigError            bad settings; raised at start, one line naming the key
+    ├── BrokerError            the broker could not be reached or refused an operation
+    └── JobError               one job failed; carries .code, .model, .job_id
+        ├── NoWorkerError      50005  no live worker serves the model
+        ├── JobTimeoutError    50006  no answer before the producer's deadline
+        ├── WorkerError        50001  the handler raised
+        ├── OverloadedError    42903  the model's queue is full
+        ├── ExpiredError       50007  the job's deadline passed while it waited
+        └── InvalidJobError    40001  the job could not be understood
+            └── InvalidModelError 40301  the model name is not acceptable
+
+Codes are FastChat's ``ErrorCode`` numbers where FastChat has one, so clients that map
+FastChat's codes keep working. Every message names the model, the job id and the cause.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+__all__ = [
+    "BrokerError",
+    "ConfigError",
+    "ErrorCode",
+    "ExpiredError",
+    "InvalidJobError",
+    "InvalidModelError",
+    "JobError",
+    "JobTimeoutError",
+    "ModelfleetError",
+    "NoWorkerError",
+    "OverloadedError",
+    "WorkerError",
+    "error_for_code",
+]
+
+
+class ErrorCode(IntEnum):
+    INVALID_JOB = 40001  # FastChat VALIDATION_TYPE_ERROR
+    INVALID_MODEL = 40301
+    OVERLOADED = 42903  # FastChat ENGINE_OVERLOADED
+    WORKER_ERROR = 50001  # FastChat INTERNAL_ERROR
+    NO_WORKER = 50005  # FastChat CONTROLLER_NO_WORKER
+    WORKER_TIMEOUT = 50006  # FastChat CONTROLLER_WORKER_TIMEOUT
+    EXPIRED = 50007  # modelfleet: deadline passed in the queue (FastChat has no such state)
+
+
+class ModelfleetError(Exception):
+    """Base of every error modelfleet raises on purpose."""
+
+
+class ConfigError(ModelfleetError):
+    """A setting is missing or invalid; the message is one line naming the key."""
+
+
+class BrokerError(ModelfleetError):
+    """RabbitMQ could not be reached, or refused what we asked."""
+
+
+class JobError(ModelfleetError):
+    """A job failed. ``code``, ``model`` and ``job_id`` say which and why."""
+
+    code: ErrorCode = ErrorCode.WORKER_ERROR
+
+    def __init__(self, message: str, *, model: str, job_id: str) -> None:
+        self.model = model
+        self.job_id = job_id
+        self.message = message
+        super().__init__(f"[{int(self.code)} {self.code.name}] model={model!r} job={job_id}: {message}")
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON shape the CLI prints and the gateway will return."""
+        return {
+            "code": int(self.code),
+            "error": self.code.name,
+            "model": self.model,
+            "job_id": self.job_id,
+            "message": self.message,
+        }
+
+
+class NoWorkerError(JobError):
+    code = ErrorCode.NO_WORKER
+
+
+class JobTimeoutError(JobError):
+    code = ErrorCode.WORKER_TIMEOUT
+
+
+class WorkerError(JobError):
+    code = ErrorCode.WORKER_ERROR
+
+
+class OverloadedError(JobError):
+    code = ErrorCode.OVERLOADED
+
+
+class ExpiredError(JobError):
+    code = ErrorCode.EXPIRED
+
+
+class InvalidJobError(JobError):
+    code = ErrorCode.INVALID_JOB
+
+
+class InvalidModelError(InvalidJobError):
+    code = ErrorCode.INVALID_MODEL
+
+
+_BY_CODE: dict[int, type[JobError]] = {
+    cls.code: cls
+    for cls in (
+        NoWorkerError,
+        JobTimeoutError,
+        WorkerError,
+        OverloadedError,
+        ExpiredError,
+        InvalidJobError,
+        InvalidModelError,
+    )
+}
+
+
+def error_for_code(code: int, message: str, *, model: str, job_id: str) -> JobError:
+    """Build the exception named for ``code`` (unknown codes become :class:`WorkerError`)."""
+    cls = _BY_CODE.get(code, WorkerError)
+    return cls(message, model=model, job_id=job_id)

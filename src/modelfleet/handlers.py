@@ -1,0 +1,45 @@
+"""Built-in handlers, so everything can be tried without a GPU.
+
+* ``modelfleet.handlers:echo`` returns the payload.
+* ``modelfleet.handlers:fake_llm`` streams the words of ``payload["prompt"]`` as chunks
+  ``{"text": " word"}``, sleeping ``payload.get("delay", 0)`` seconds before each, and ends with
+  the whole text as its result ``{"text": ..., "words": n}``.
+* ``modelfleet.handlers:fail`` raises, to see WORKER_ERROR end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+from modelfleet.jobs import Final, Job
+
+__all__ = ["echo", "fail", "fake_llm"]
+
+
+async def echo(job: Job) -> Any:
+    """Return the payload unchanged."""
+    return job.payload
+
+
+async def fake_llm(job: Job) -> AsyncIterator[Any]:
+    """Stream the prompt back word by word, like a (very predictable) LLM."""
+    payload = job.payload
+    if not isinstance(payload, dict) or not isinstance(payload.get("prompt"), str):
+        raise job.invalid("fake_llm needs a payload object with a 'prompt' string")
+    delay = payload.get("delay", 0)
+    if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not math.isfinite(delay) or delay < 0:
+        raise job.invalid("fake_llm: 'delay' must be a non-negative number of seconds")
+    words = payload["prompt"].split()
+    for index, word in enumerate(words):
+        if delay:
+            await asyncio.sleep(delay)
+        yield {"text": word if index == 0 else f" {word}"}
+    yield Final({"text": " ".join(words), "words": len(words)})
+
+
+async def fail(job: Job) -> Any:
+    """Always raise: shows how a handler error reaches the producer and the error queue."""
+    raise RuntimeError(f"this handler always fails (job {job.job_id})")

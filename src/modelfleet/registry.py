@@ -1,0 +1,212 @@
+"""The controller's registry of workers: pure state, clock injected, no I/O.
+
+The registry is soft state: everything in it comes from heartbeats and is rebuilt from the next
+ones after a restart. It answers three questions — who is alive, what does each model have
+(workers, capacity, in-flight), and whom should the sweeper evict — and the routing table
+(:mod:`modelfleet.routing`) turns its answers into bind/unbind/drain actions.
+
+>>> registry = Registry()
+>>> registry.observe(heartbeat, now=time.monotonic())
+>>> registry.sweep(now=time.monotonic(), timeout_s=6.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict
+
+from modelfleet.messages import Heartbeat, JobCounters, WorkerState
+
+__all__ = [
+    "EvictionReason",
+    "ModelView",
+    "Observation",
+    "Registry",
+    "SweepResult",
+    "WorkerInfo",
+]
+
+
+class Observation(StrEnum):
+    ADDED = "added"
+    UPDATED = "updated"
+    REMOVED = "removed"  # a clean `stopping` heartbeat
+    IGNORED = "ignored"  # stale (out of order) or for an unknown stopping worker
+    REFUSED = "refused"  # would exceed the models cap
+
+
+class EvictionReason(StrEnum):
+    TIMEOUT = "timeout"
+    STOPPING = "stopping"
+
+
+class WorkerInfo(BaseModel):
+    """What the controller knows of one worker (FastChat's WorkerInfo, from heartbeats)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    worker_id: str
+    models: tuple[str, ...]
+    concurrency: int
+    in_flight: int
+    oldest_job_age_s: float
+    stuck_jobs: int
+    state: WorkerState
+    speed: float
+    host: str
+    pid: int
+    version: str
+    seq: int
+    # Monotonic time of the last heartbeat, on the controller's clock.
+    last_heartbeat: float
+    first_seen: float
+    heartbeats: int
+    counters: JobCounters
+    # Wall-clock lag of the last heartbeat (sent_at -> received), clamped at 0.
+    lag_s: float
+
+    def age(self, now: float) -> float:
+        return max(0.0, now - self.last_heartbeat)
+
+    @property
+    def serving(self) -> bool:
+        """Takes jobs: ready (draining workers finish what they hold but take nothing new)."""
+        return self.state is WorkerState.READY
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """One model's figures across its live workers."""
+
+    name: str
+    workers: int
+    capacity: int
+    in_flight: int
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    evicted: tuple[WorkerInfo, ...] = ()
+    # Set when most of the fleet went silent at once: the broker, not the workers, is suspect,
+    # and nobody was evicted.
+    suspect_broker: bool = False
+    silent: tuple[str, ...] = field(default=())
+
+
+class Registry:
+    """Workers by id, updated from heartbeats. Not thread-safe; one event loop owns it."""
+
+    def __init__(self, *, max_models: int = 1_000) -> None:
+        self._workers: dict[str, WorkerInfo] = {}
+        self._max_models = max_models
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def __contains__(self, worker_id: object) -> bool:
+        return worker_id in self._workers
+
+    def get(self, worker_id: str) -> WorkerInfo | None:
+        return self._workers.get(worker_id)
+
+    def workers(self) -> list[WorkerInfo]:
+        return sorted(self._workers.values(), key=lambda w: w.worker_id)
+
+    def observe(self, hb: Heartbeat, *, now: float, wall_now: float | None = None) -> Observation:
+        """Record a heartbeat received at monotonic time ``now``."""
+        previous = self._workers.get(hb.worker_id)
+        if hb.state is WorkerState.STOPPING:
+            if previous is None:
+                return Observation.IGNORED
+            del self._workers[hb.worker_id]
+            return Observation.REMOVED
+        if previous is not None and hb.seq < previous.seq:
+            return Observation.IGNORED
+        if previous is None or set(hb.models) - set(previous.models):
+            known = self.model_names()
+            if len(known | set(hb.models)) > self._max_models:
+                return Observation.REFUSED
+        lag = 0.0 if wall_now is None else max(0.0, wall_now - hb.sent_at)
+        self._workers[hb.worker_id] = WorkerInfo(
+            worker_id=hb.worker_id,
+            models=hb.models,
+            concurrency=hb.concurrency,
+            in_flight=hb.in_flight,
+            oldest_job_age_s=hb.oldest_job_age_s,
+            stuck_jobs=hb.stuck_jobs,
+            state=hb.state,
+            speed=hb.speed,
+            host=hb.host,
+            pid=hb.pid,
+            version=hb.version,
+            seq=hb.seq,
+            last_heartbeat=now,
+            first_seen=now if previous is None else previous.first_seen,
+            heartbeats=1 if previous is None else previous.heartbeats + 1,
+            counters=hb.counters,
+            lag_s=lag,
+        )
+        return Observation.ADDED if previous is None else Observation.UPDATED
+
+    def remove(self, worker_id: str) -> WorkerInfo | None:
+        return self._workers.pop(worker_id, None)
+
+    def silent(self, *, now: float, timeout_s: float) -> list[WorkerInfo]:
+        """Workers whose last heartbeat is older than ``timeout_s``."""
+        return [w for w in self._workers.values() if now - w.last_heartbeat > timeout_s]
+
+    def sweep(
+        self,
+        *,
+        now: float,
+        timeout_s: float,
+        guard_ratio: float = 0.5,
+        guard_min_workers: int = 3,
+        evict: bool = True,
+    ) -> SweepResult:
+        """Evict workers silent longer than ``timeout_s``.
+
+        Mass-silence guard: in a fleet of at least ``guard_min_workers``, when more than
+        ``guard_ratio`` of the workers are silent at once, nothing is evicted — a memory alarm or a
+        partition stops every heartbeat together, and evicting the whole fleet would turn a
+        broker hiccup into NO_WORKER errors for everyone. ``evict=False`` only reports.
+        """
+        silent = self.silent(now=now, timeout_s=timeout_s)
+        ids = tuple(sorted(w.worker_id for w in silent))
+        if not silent:
+            return SweepResult()
+        total = len(self._workers)
+        if total >= guard_min_workers and len(silent) > guard_ratio * total:
+            return SweepResult(suspect_broker=True, silent=ids)
+        if not evict:
+            return SweepResult(silent=ids)
+        for worker in silent:
+            del self._workers[worker.worker_id]
+        return SweepResult(evicted=tuple(sorted(silent, key=lambda w: w.worker_id)), silent=ids)
+
+    def model_names(self) -> set[str]:
+        return {m for w in self._workers.values() for m in w.models}
+
+    def live_models(self) -> set[str]:
+        """Models with at least one worker taking jobs."""
+        return {m for w in self._workers.values() if w.serving for m in w.models}
+
+    def models(self) -> dict[str, ModelView]:
+        figures: dict[str, list[int]] = {}
+        for worker in self._workers.values():
+            for model in worker.models:
+                entry = figures.setdefault(model, [0, 0, 0])
+                if worker.serving:
+                    entry[0] += 1
+                    entry[1] += worker.concurrency
+                entry[2] += worker.in_flight
+        return {
+            name: ModelView(name=name, workers=w, capacity=c, in_flight=f)
+            for name, (w, c, f) in sorted(figures.items())
+        }
+
+    def workers_of(self, model: str) -> Iterable[WorkerInfo]:
+        return (w for w in self._workers.values() if model in w.models)

@@ -1,0 +1,279 @@
+"""Every exchange and queue modelfleet uses, with its arguments, declared from one place.
+
+A queue declared twice with different arguments is a PRECONDITION_FAILED channel error at run
+time, so no other module passes queue arguments. All declarations are idempotent: workers,
+controllers and clients each declare what they use, in any order.
+
+=========================  ==========================================================
+``{ns}.heartbeats``        fanout exchange; workers publish Heartbeat messages
+``{ns}.controller.{id}``   one per controller: its copy of the heartbeats (TTL, capped)
+``{ns}.jobs``              direct exchange, routing key = model, alternate-exchange
+                           ``{ns}.unroutable``
+``{ns}.model.{model}``     quorum queue per model, DLX ``{ns}.dead``; bound to the jobs
+                           exchange only while the model has live workers
+``{ns}.unroutable``        fanout exchange + quorum queue: jobs no model queue took
+``{ns}.dead``              fanout exchange every dead job goes through
+``{ns}.errors``            quorum queue behind ``{ns}.dead``: the error queue
+``{ns}.catalog``           one message: the models the controllers know, so a restarted
+                           controller can fail the backlog of a model that died meanwhile
+=========================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
+
+from modelfleet.config import HeartbeatSettings, RoutingSettings
+
+__all__ = ["DeadReason", "Names", "Topology", "dead_reason"]
+
+log = logging.getLogger(__name__)
+
+# Headers modelfleet sets on copies it dead-letters itself (the broker sets x-death on its own).
+REASON_HEADER = "x-mf-reason"
+ERROR_HEADER = "x-mf-error"
+MODEL_HEADER = "x-mf-model"
+DEADLINE_HEADER = "x-mf-deadline"
+
+
+class DeadReason:
+    """Why a job reached the error queue (the ``reason`` label of dead-letter metrics)."""
+
+    NO_WORKER = "no_worker"
+    EXPIRED = "expired"
+    REJECTED = "rejected"
+    DELIVERY_LIMIT = "delivery_limit"
+    OVERLOADED = "overloaded"
+    WORKER_ERROR = "worker_error"
+    INVALID = "invalid"
+
+
+# RabbitMQ's x-death reasons, in our words.
+_BROKER_REASONS = {
+    "expired": DeadReason.EXPIRED,
+    "rejected": DeadReason.REJECTED,
+    "delivery_limit": DeadReason.DELIVERY_LIMIT,
+    "maxlen": DeadReason.OVERLOADED,
+}
+
+
+def dead_reason(headers: Mapping[str, Any] | None) -> str:
+    """The reason of a dead job, from our header or from the broker's x-death records."""
+    headers = headers or {}
+    ours = headers.get(REASON_HEADER)
+    if isinstance(ours, (str, bytes)):
+        return ours.decode() if isinstance(ours, bytes) else ours
+    first = headers.get("x-first-death-reason")
+    if isinstance(first, bytes):
+        first = first.decode()
+    if isinstance(first, str):
+        return _BROKER_REASONS.get(first, first)
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
+        reason = deaths[0].get("reason")
+        if isinstance(reason, bytes):
+            reason = reason.decode()
+        if isinstance(reason, str):
+            return _BROKER_REASONS.get(reason, reason)
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class Names:
+    """Every name in one namespace. ``Names("modelfleet").model_queue("llama")``."""
+
+    ns: str
+
+    @property
+    def heartbeats(self) -> str:
+        return f"{self.ns}.heartbeats"
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.ns}.jobs"
+
+    @property
+    def unroutable(self) -> str:
+        return f"{self.ns}.unroutable"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.ns}.dead"
+
+    @property
+    def errors(self) -> str:
+        return f"{self.ns}.errors"
+
+    @property
+    def catalog(self) -> str:
+        return f"{self.ns}.catalog"
+
+    def model_queue(self, model: str) -> str:
+        return f"{self.ns}.model.{model}"
+
+    def controller_queue(self, instance: str) -> str:
+        return f"{self.ns}.controller.{instance}"
+
+
+def model_queue_arguments(names: Names, routing: RoutingSettings) -> dict[str, Any]:
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": names.dead,
+        # at-least-once: the broker keeps a dead job until the error queue confirms it.
+        "x-dead-letter-strategy": "at-least-once",
+        # A full queue refuses publishes (the producer's confirm is a nack -> OVERLOADED);
+        # at-least-once dead-lettering requires this overflow mode anyway.
+        "x-overflow": "reject-publish",
+        "x-max-length": routing.max_queue_length,
+        # A job that keeps crashing its workers is dead-lettered, never requeued forever.
+        "x-delivery-limit": routing.delivery_limit,
+    }
+
+
+def unroutable_queue_arguments(names: Names) -> dict[str, Any]:
+    return {"x-queue-type": "quorum", "x-dead-letter-exchange": names.dead}
+
+
+def errors_queue_arguments(routing: RoutingSettings) -> dict[str, Any]:
+    return {
+        "x-queue-type": "quorum",
+        "x-max-length": routing.errors_max_length,
+        "x-overflow": "drop-head",
+    }
+
+
+def controller_queue_arguments(heartbeat: HeartbeatSettings) -> dict[str, Any]:
+    return {
+        # Stale heartbeats are worthless: drop them rather than build a backlog.
+        "x-message-ttl": int(heartbeat.queue_ttl_s * 1000),
+        "x-max-length": heartbeat.queue_max_length,
+        "x-overflow": "drop-head",
+        # Safety net if a controller vanishes without its connection closing cleanly.
+        "x-expires": max(int(heartbeat.timeout_s * 1000) * 10, 60_000),
+    }
+
+
+class Topology:
+    """Declares and binds modelfleet's exchanges and queues on a channel.
+
+    >>> topo = Topology(Names("modelfleet"), settings.routing, settings.heartbeat)
+    >>> await topo.declare_base(channel)
+    >>> queue = await topo.declare_model_queue(channel, "llama-3-8b")
+    """
+
+    def __init__(
+        self,
+        names: Names,
+        routing: RoutingSettings | None = None,
+        heartbeat: HeartbeatSettings | None = None,
+    ) -> None:
+        self.names = names
+        self.routing = routing or RoutingSettings()
+        self.heartbeat = heartbeat or HeartbeatSettings()
+
+    async def declare_heartbeats(self, channel: AbstractChannel) -> AbstractExchange:
+        return await channel.declare_exchange(
+            self.names.heartbeats, ExchangeType.FANOUT, durable=True
+        )
+
+    async def declare_dead(self, channel: AbstractChannel) -> AbstractExchange:
+        dead = await channel.declare_exchange(self.names.dead, ExchangeType.FANOUT, durable=True)
+        errors = await channel.declare_queue(
+            self.names.errors, durable=True, arguments=errors_queue_arguments(self.routing)
+        )
+        await errors.bind(dead)
+        return dead
+
+    async def declare_jobs(self, channel: AbstractChannel) -> AbstractExchange:
+        """The jobs exchange with its alternate exchange and the unroutable queue behind it."""
+        await self.declare_dead(channel)
+        unroutable = await channel.declare_exchange(
+            self.names.unroutable, ExchangeType.FANOUT, durable=True
+        )
+        queue = await channel.declare_queue(
+            self.names.unroutable, durable=True, arguments=unroutable_queue_arguments(self.names)
+        )
+        await queue.bind(unroutable)
+        return await channel.declare_exchange(
+            self.names.jobs,
+            ExchangeType.DIRECT,
+            durable=True,
+            arguments={"alternate-exchange": self.names.unroutable},
+        )
+
+    async def declare_base(self, channel: AbstractChannel) -> None:
+        """Everything but model and controller queues."""
+        await self.declare_heartbeats(channel)
+        await self.declare_jobs(channel)
+        await channel.declare_queue(
+            self.names.catalog, durable=True, arguments={"x-max-length": 1}
+        )
+
+    async def declare_model_queue(self, channel: AbstractChannel, model: str) -> AbstractQueue:
+        """Declare ``{ns}.model.{model}`` (not bound: the controller binds live models)."""
+        return await channel.declare_queue(
+            self.names.model_queue(model),
+            durable=True,
+            arguments=model_queue_arguments(self.names, self.routing),
+        )
+
+    async def declare_controller_queue(
+        self, channel: AbstractChannel, instance: str
+    ) -> AbstractQueue:
+        # Not exclusive: a robust connection re-declares it after a reconnect, and an exclusive
+        # queue of the dead connection may still be there (RESOURCE_LOCKED). auto_delete and
+        # x-expires remove it once its controller is gone.
+        queue = await channel.declare_queue(
+            self.names.controller_queue(instance),
+            durable=False,
+            auto_delete=True,
+            arguments=controller_queue_arguments(self.heartbeat),
+        )
+        await queue.bind(self.names.heartbeats)
+        return queue
+
+    async def bind_model(self, channel: AbstractChannel, model: str) -> None:
+        queue = await self.declare_model_queue(channel, model)
+        await queue.bind(self.names.jobs, routing_key=model)
+
+    async def unbind_model(self, channel: AbstractChannel, model: str) -> None:
+        queue = await self.declare_model_queue(channel, model)
+        await queue.unbind(self.names.jobs, routing_key=model)
+
+    async def queue_counts(self, channel: AbstractChannel, model: str) -> tuple[int, int] | None:
+        """(ready messages, consumers) of a model queue, or None if it does not exist.
+
+        A passive declare of a missing queue closes the channel: use a channel kept for this.
+        """
+        try:
+            queue = await channel.declare_queue(self.names.model_queue(model), passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        result = queue.declaration_result
+        return int(result.message_count or 0), int(result.consumer_count or 0)
+
+    async def delete(self, channel: AbstractChannel, models: list[str] | tuple[str, ...] = ()) -> None:
+        """Delete the namespace's queues and exchanges (tests, ``modelfleet`` clean-up)."""
+        for model in models:
+            await channel.queue_delete(self.names.model_queue(model))
+        for queue in (self.names.unroutable, self.names.errors, self.names.catalog):
+            await channel.queue_delete(queue)
+        for exchange in (
+            self.names.jobs,
+            self.names.unroutable,
+            self.names.dead,
+            self.names.heartbeats,
+        ):
+            await channel.exchange_delete(exchange)
+
+
+def json_message(body: bytes, **properties: Any) -> aio_pika.Message:
+    """A JSON AMQP message (helper so every module builds them the same way)."""
+    return aio_pika.Message(body, content_type="application/json", **properties)

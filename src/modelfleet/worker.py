@@ -1,0 +1,586 @@
+"""The worker SDK: serve one or more models from their queues with a handler.
+
+A handler takes a :class:`~modelfleet.jobs.Job` and is one of:
+
+* a coroutine function — ``async def handle(job): return {...}``;
+* a plain function — run in a thread, so the event loop (and the heartbeats) stay live;
+* an async or plain generator — a stream: each yield is a chunk; ``yield Final(value)`` sets the
+  result (a plain generator may also ``return value``).
+
+>>> async def handle(job: Job) -> dict:
+...     return {"text": job.payload["prompt"].upper()}
+>>> worker = Worker(handle, models=["shout"], settings=settings)
+>>> await worker.run()  # until SIGTERM / SIGINT
+
+Guarantees: at most ``concurrency`` jobs run at once (prefetch per model queue, plus a semaphore
+across models); a job is acked only after its answer was published, so a worker that dies
+mid-job leaves it to another worker; a handler exception or an invalid job never stops the
+worker — the producer gets an error reply and the job goes to the error queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from secrets import token_hex
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from pydantic import BaseModel, ValidationError
+
+from modelfleet import __version__
+from modelfleet.config import Settings
+from modelfleet.connections import connect
+from modelfleet.errors import ErrorCode, InvalidJobError
+from modelfleet.jobs import Final, Job
+from modelfleet.messages import (
+    ChunkReply,
+    ErrorReply,
+    Heartbeat,
+    JobCounters,
+    JobRequest,
+    ResultReply,
+    WorkerState,
+    check_model_name,
+)
+from modelfleet.topology import (
+    ERROR_HEADER,
+    MODEL_HEADER,
+    REASON_HEADER,
+    DeadReason,
+    Names,
+    Topology,
+    json_message,
+)
+
+__all__ = ["Handler", "Worker"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Job], Any]
+
+_STREAM_END = object()
+
+
+class _HandlerKind:
+    ASYNC = "async"
+    THREAD = "thread"
+    ASYNC_GEN = "async_gen"
+    GEN = "gen"
+
+
+def _kind_of(handler: Handler) -> str:
+    target = handler
+    if not (inspect.isfunction(target) or inspect.ismethod(target)) and callable(target):
+        call = getattr(target, "__call__", None)  # noqa: B004 - callable objects
+        target = call if call is not None else target
+    if inspect.isasyncgenfunction(target):
+        return _HandlerKind.ASYNC_GEN
+    if inspect.isgeneratorfunction(target):
+        return _HandlerKind.GEN
+    if inspect.iscoroutinefunction(target):
+        return _HandlerKind.ASYNC
+    return _HandlerKind.THREAD
+
+
+class _Failure(Exception):
+    """Internal: end a job with an error reply and a dead-letter reason."""
+
+    def __init__(self, code: ErrorCode, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+
+
+class Worker:
+    """Serves ``models`` with ``handler``.
+
+    Keywords:
+        settings: all tunables (``worker.*``, ``heartbeat.*``, ``amqp.*``, ``namespace``);
+            defaults when omitted.
+        url: AMQP URL, overrides ``settings.amqp.url``.
+        namespace: overrides ``settings.namespace``.
+        concurrency: jobs at once, overrides ``settings.worker.concurrency``.
+        worker_id: stable identity in the registry (default: ``host-pid-random``).
+        install_signal_handlers: :meth:`run` stops cleanly on SIGTERM/SIGINT (default True).
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        models: Iterable[str],
+        *,
+        settings: Settings | None = None,
+        url: str | None = None,
+        namespace: str | None = None,
+        concurrency: int | None = None,
+        worker_id: str | None = None,
+        install_signal_handlers: bool = True,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.models: tuple[str, ...] = tuple(dict.fromkeys(check_model_name(m) for m in models))
+        if not self.models:
+            raise ValueError("a worker needs at least one model")
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, got {handler!r}")
+        self.handler = handler
+        self._kind = _kind_of(handler)
+        self.url = url or self.settings.amqp.url
+        self.names = Names(namespace or self.settings.namespace)
+        self.topology = Topology(self.names, self.settings.routing, self.settings.heartbeat)
+        self.concurrency = concurrency or self.settings.worker.concurrency
+        if self.concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{token_hex(3)}"
+        self._install_signals = install_signal_handlers
+
+        self.state = WorkerState.READY
+        self.counters: dict[str, int] = dict.fromkeys(JobCounters.model_fields, 0)
+        self._running: dict[str, float] = {}  # job id -> monotonic start
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._seq = 0
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._dead_channel: AbstractChannel | None = None
+        self._hb_exchange: AbstractExchange | None = None
+        self._dead_exchange: AbstractExchange | None = None
+        self._queues: list[tuple[AbstractQueue, str]] = []
+        self._hb_task: asyncio.Task[None] | None = None
+        self._stop_requested = asyncio.Event()
+        self._started = False
+
+    # -- figures -------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    def oldest_job_age_s(self, now: float | None = None) -> float:
+        if not self._running:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        return max(0.0, now - min(self._running.values()))
+
+    def heartbeat(self, state: WorkerState | None = None) -> Heartbeat:
+        """The heartbeat this worker would send now."""
+        now = time.monotonic()
+        stuck_after = self.settings.worker.stuck_after_s
+        self._seq += 1
+        return Heartbeat(
+            worker_id=self.worker_id,
+            models=self.models,
+            concurrency=self.concurrency,
+            in_flight=self.in_flight,
+            oldest_job_age_s=self.oldest_job_age_s(now),
+            stuck_jobs=sum(1 for t in self._running.values() if now - t > stuck_after),
+            state=state or self.state,
+            speed=self.settings.worker.speed,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=__version__,
+            sent_at=time.time(),
+            interval_s=self.settings.heartbeat.interval_s,
+            seq=self._seq,
+            counters=JobCounters(**self.counters),
+        )
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Connect, declare, start consuming and heartbeating."""
+        if self._started:
+            return
+        self._connection = await connect(self.settings.amqp, role="worker", url=self.url)
+        self._channel = await self._connection.channel(publisher_confirms=False)
+        # Quorum queues have no global QoS: prefetch is per consumer, the semaphore caps the sum.
+        await self._channel.set_qos(prefetch_count=self.concurrency)
+        self._dead_channel = await self._connection.channel(publisher_confirms=True)
+        await self.topology.declare_base(self._dead_channel)
+        self._hb_exchange = await self._channel.get_exchange(self.names.heartbeats)
+        self._dead_exchange = await self._dead_channel.get_exchange(self.names.dead)
+        for model in self.models:
+            queue = await self.topology.declare_model_queue(self._channel, model)
+            tag = await queue.consume(self._on_message)
+            self._queues.append((queue, tag))
+        self._started = True
+        await self._send_heartbeat()
+        self._hb_task = asyncio.create_task(self._heartbeat_loop(), name="modelfleet-heartbeat")
+        log.info(
+            "worker %s serving %s (concurrency %d, namespace %s)",
+            self.worker_id,
+            ", ".join(self.models),
+            self.concurrency,
+            self.names.ns,
+        )
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), then stop cleanly."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        installed: list[int] = []
+        if self._install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, self.request_stop)
+                    installed.append(sig)
+        try:
+            await self._stop_requested.wait()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop taking jobs, let in-flight ones finish (or hand them back after ``grace_s``),
+        send a final ``stopping`` heartbeat and close."""
+        if not self._started:
+            return
+        self._started = False
+        self._stop_requested.set()
+        grace = self.settings.worker.stop_grace_s if grace_s is None else grace_s
+        self.state = WorkerState.DRAINING
+        for queue, tag in self._queues:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        await self._send_heartbeat()
+        pending = set(self._tasks)
+        if pending:
+            log.info("worker %s: waiting up to %.1fs for %d job(s)", self.worker_id, grace, len(pending))
+            _, pending = await asyncio.wait(pending, timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+        if self._hb_task is not None:
+            self._hb_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._hb_task
+        self.state = WorkerState.STOPPING
+        await self._send_heartbeat()
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+        log.info("worker %s stopped", self.worker_id)
+
+    # -- heartbeats ----------------------------------------------------------------------
+
+    async def _send_heartbeat(self) -> None:
+        if self._hb_exchange is None:
+            return
+        hb = self.heartbeat()
+        message = json_message(
+            hb.model_dump_json().encode(),
+            # A heartbeat older than the timeout says nothing true any more.
+            expiration=self.settings.heartbeat.timeout_s,
+            type="heartbeat",
+        )
+        try:
+            await asyncio.wait_for(
+                self._hb_exchange.publish(message, routing_key="", mandatory=False),
+                timeout=self.settings.heartbeat.interval_s,
+            )
+        except Exception as exc:  # broker outage: keep serving, the next beat will tell
+            log.warning("worker %s: heartbeat not sent: %s", self.worker_id, exc or type(exc).__name__)
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.settings.heartbeat.interval_s
+        while True:
+            await asyncio.sleep(interval)
+            await self._send_heartbeat()
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)  # type: ignore[arg-type]
+        try:
+            async with self._slots:
+                if not self._started:
+                    # Stopping: hand the job back untouched for another worker.
+                    self.counters["requeued"] += 1
+                    await self._settle(message, requeue=True)
+                    return
+                await self._process(message)
+        except asyncio.CancelledError:
+            # Stop grace ran out: give the job back so another worker runs it.
+            self.counters["requeued"] += 1
+            await self._settle(message, requeue=True)
+            raise
+        finally:
+            if task is not None:
+                self._tasks.discard(task)  # type: ignore[arg-type]
+
+    def _parse(self, message: AbstractIncomingMessage) -> Job:
+        model = message.routing_key or ""
+        job_id = message.message_id or message.correlation_id or "?"
+        if len(message.body) > self.settings.worker.max_payload_bytes:
+            raise _Failure(
+                ErrorCode.INVALID_JOB,
+                DeadReason.INVALID,
+                f"job body is {len(message.body)} bytes, above worker.max_payload_bytes "
+                f"({self.settings.worker.max_payload_bytes})",
+            )
+        if message.content_type not in (None, "", "application/json"):
+            raise _Failure(
+                ErrorCode.INVALID_JOB,
+                DeadReason.INVALID,
+                f"content type {message.content_type!r} is not application/json",
+            )
+        try:
+            request = JobRequest.model_validate_json(message.body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            raise _Failure(
+                ErrorCode.INVALID_JOB, DeadReason.INVALID, f"invalid job: {where}: {first['msg']}"
+            ) from None
+        if model and request.model != model and request.model not in self.models:
+            raise _Failure(
+                ErrorCode.INVALID_JOB,
+                DeadReason.INVALID,
+                f"job names model {request.model!r} but came from the queue of {model!r}",
+            )
+        headers = message.headers or {}
+        count = headers.get("x-delivery-count")
+        attempt = int(count) + 1 if isinstance(count, int) else (2 if message.redelivered else 1)
+        return Job(
+            job_id=job_id,
+            model=request.model,
+            payload=request.payload,
+            deadline=request.deadline,
+            stream=request.stream,
+            attempt=attempt,
+        )
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
+        model = message.routing_key or (self.models[0] if len(self.models) == 1 else "?")
+        job_id = message.message_id or message.correlation_id or "?"
+        started = time.monotonic()
+        self._running[job_id] = started
+        try:
+            job = self._parse(message)
+            model = job.model
+            if job.deadline is not None and job.remaining() is not None and job.remaining() <= 0:  # type: ignore[operator]
+                raise _Failure(
+                    ErrorCode.EXPIRED,
+                    DeadReason.EXPIRED,
+                    "the producer's deadline passed before a worker could start the job",
+                )
+            result, chunks = await self._run_handler(job, message)
+        except _Failure as failure:
+            counter = {
+                DeadReason.INVALID: "invalid",
+                DeadReason.EXPIRED: "expired",
+            }.get(failure.reason, "worker_error")
+            self.counters[counter] += 1
+            await self._fail(message, model, job_id, failure)
+            return
+        except InvalidJobError as exc:
+            self.counters["invalid"] += 1
+            await self._fail(
+                message, model, job_id, _Failure(ErrorCode.INVALID_JOB, DeadReason.INVALID, exc.message)
+            )
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.counters["worker_error"] += 1
+            log.exception("worker %s: handler failed on job %s (%s)", self.worker_id, job_id, model)
+            text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            await self._fail(
+                message,
+                model,
+                job_id,
+                _Failure(ErrorCode.WORKER_ERROR, DeadReason.WORKER_ERROR, f"handler raised {text}"),
+            )
+            return
+        finally:
+            self._running.pop(job_id, None)
+        reply = ResultReply(
+            result=result,
+            worker_id=self.worker_id,
+            duration_s=time.monotonic() - started,
+            chunks=chunks,
+        )
+        try:
+            await self._reply(message, reply)
+        except (TypeError, ValueError) as exc:  # the handler returned something not JSON-able
+            self.counters["worker_error"] += 1
+            await self._fail(
+                message,
+                model,
+                job_id,
+                _Failure(
+                    ErrorCode.WORKER_ERROR,
+                    DeadReason.WORKER_ERROR,
+                    f"handler result is not JSON-serialisable: {exc}",
+                ),
+            )
+            return
+        self.counters["ok"] += 1
+        await self._settle(message)
+
+    async def _run_handler(self, job: Job, message: AbstractIncomingMessage) -> tuple[Any, int]:
+        """Run the handler; returns (result, chunks sent)."""
+        if self._kind == _HandlerKind.ASYNC:
+            return await self._bounded(self.handler(job), job), 0
+        if self._kind == _HandlerKind.THREAD:
+            # A thread cannot be cancelled: it holds its slot until it returns, and shows up in
+            # heartbeats as a stuck job if it never does.
+            return await asyncio.to_thread(self.handler, job), 0
+        return await self._bounded(self._stream(job, message), job)
+
+    async def _bounded(self, awaitable: Any, job: Job) -> Any:
+        remaining = job.remaining()
+        if remaining is None:
+            return await awaitable
+        try:
+            async with asyncio.timeout(remaining):
+                return await awaitable
+        except TimeoutError:
+            raise _Failure(
+                ErrorCode.WORKER_TIMEOUT,
+                DeadReason.EXPIRED,
+                "the handler did not finish before the producer's deadline",
+            ) from None
+
+    async def _stream(self, job: Job, message: AbstractIncomingMessage) -> tuple[Any, int]:
+        items: AsyncIterator[Any]
+        if self._kind == _HandlerKind.ASYNC_GEN:
+            items = self.handler(job)
+        else:
+            items = _iterate_in_thread(self.handler(job))
+        seq = 0
+        collected: list[Any] = []
+        final: Any = None
+        has_final = False
+        async for item in items:
+            if isinstance(item, Final):
+                final, has_final = item.value, True
+                break
+            if job.stream:
+                await self._reply(message, ChunkReply(seq=seq, data=item))
+            else:
+                collected.append(item)
+            seq += 1
+        if isinstance(items, _ThreadIterator) and items.returned is not None and not has_final:
+            final, has_final = items.returned, True
+        if not has_final and not job.stream:
+            final = collected
+        return final, seq if job.stream else 0
+
+    async def _reply(self, message: AbstractIncomingMessage, reply: BaseModel) -> None:
+        if not message.reply_to or self._channel is None:
+            return
+        body = reply.model_dump_json().encode()
+        out = json_message(
+            body,
+            correlation_id=message.correlation_id or message.message_id,
+            type=getattr(reply, "kind", "reply"),
+        )
+        # mandatory=False: RabbitMQ 3.10 both delivers and returns a mandatory reply to a
+        # direct reply-to address, doubling the work.
+        await self._channel.default_exchange.publish(out, routing_key=message.reply_to, mandatory=False)
+
+    async def _fail(
+        self, message: AbstractIncomingMessage, model: str, job_id: str, failure: _Failure
+    ) -> None:
+        """Error reply to the producer, copy to the error queue with the reason, then ack."""
+        log.warning("job %s (%s) failed: %s: %s", job_id, model, failure.reason, failure.message)
+        with contextlib.suppress(Exception):
+            await self._reply(
+                message, ErrorReply.build(failure.code, failure.message, model=model, job_id=job_id)
+            )
+        headers = dict(message.headers or {})
+        headers.update(
+            {REASON_HEADER: failure.reason, ERROR_HEADER: failure.message[:1000], MODEL_HEADER: model}
+        )
+        copy = aio_pika.Message(
+            message.body,
+            headers=headers,
+            content_type=message.content_type,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            timestamp=message.timestamp,
+            type="job",
+        )
+        try:
+            assert self._dead_exchange is not None
+            await self._dead_exchange.publish(copy, routing_key=model, mandatory=False)
+        except Exception as exc:
+            # Fall back to the broker's own dead-lettering (reason "rejected").
+            log.warning("job %s: copy to the error queue failed (%s); rejecting", job_id, exc)
+            await self._settle(message, reject=True)
+            return
+        await self._settle(message)
+
+    async def _settle(
+        self, message: AbstractIncomingMessage, *, requeue: bool = False, reject: bool = False
+    ) -> None:
+        try:
+            if requeue:
+                await message.nack(requeue=True)
+            elif reject:
+                await message.reject(requeue=False)
+            else:
+                await message.ack()
+        except Exception as exc:
+            # The delivery's channel died: the broker has already requeued the job, and an ack
+            # on the new channel would be for a delivery tag it never issued.
+            log.info("job %s: not settled (%s); the broker requeued it", message.message_id, exc)
+
+
+class _ThreadIterator:
+    """Drive a plain generator from a thread, one item at a time."""
+
+    def __init__(self, iterator: Iterator[Any]) -> None:
+        self._iterator = iterator
+        self.returned: Any = None
+
+    def __aiter__(self) -> _ThreadIterator:
+        return self
+
+    def _next(self) -> Any:
+        try:
+            return next(self._iterator)
+        except StopIteration as stop:
+            self.returned = stop.value
+            return _STREAM_END
+
+    async def __anext__(self) -> Any:
+        item = await asyncio.to_thread(self._next)
+        if item is _STREAM_END:
+            raise StopAsyncIteration
+        return item
+
+
+def _iterate_in_thread(iterator: Iterator[Any]) -> _ThreadIterator:
+    return _ThreadIterator(iterator)
