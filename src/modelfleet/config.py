@@ -204,6 +204,32 @@ def _describe(error: ValidationError) -> str:
     return f"{key}: {message}"
 
 
+# Short names accepted for some settings (section -> short -> canonical).
+_ALIASES = {"heartbeat": {"interval": "interval_s", "timeout": "timeout_s"}}
+
+
+def _resolve_aliases(data: dict[str, Any]) -> None:
+    """Keep one of a short and a canonical name when the merged sources hold both.
+
+    dynaconf merges settings.toml (say ``interval_s``) with the environment (say
+    ``MODELFLEET_HEARTBEAT__INTERVAL``) into one section holding both names; the environment
+    must win, as it does for every other key, so the name it set is the one kept.
+    """
+    env = {name.upper() for name in os.environ}
+    for section, names in _ALIASES.items():
+        values = data.get(section)
+        if not isinstance(values, dict):
+            continue
+        for short, canonical in names.items():
+            if short not in values or canonical not in values:
+                continue
+            prefix = f"{ENV_PREFIX}_{section}__".upper()
+            if prefix + short.upper() in env and prefix + canonical.upper() not in env:
+                values[canonical] = values.pop(short)
+            else:
+                del values[short]
+
+
 def settings_from_mapping(data: dict[str, Any]) -> Settings:
     """Validate a plain mapping (sections as nested dicts) into :class:`Settings`."""
     try:
@@ -249,5 +275,8 @@ def load_settings(config_file: str | os.PathLike[str] | None = None) -> Settings
         data = raw.as_dict()
     except Exception as exc:  # dynaconf raises many types for a broken TOML file
         raise ConfigError(f"cannot read settings: {exc}") from None
-    data = {k: v for k, v in _lower_keys(data).items() if k not in ("config", "secrets_file")}
+    # dynaconf echoes its own `load_dotenv` option back as a setting; it is not one of ours.
+    not_settings = ("config", "secrets_file", "load_dotenv")
+    data = {k: v for k, v in _lower_keys(data).items() if k not in not_settings}
+    _resolve_aliases(data)
     return settings_from_mapping(data)
