@@ -276,7 +276,9 @@ def load_settings(config_file: str | os.PathLike[str] | None = None) -> Settings
     except Exception as exc:  # dynaconf raises many types for a broken TOML file
         raise ConfigError(f"cannot read settings: {exc}") from None
     # dynaconf echoes its own `load_dotenv` option back as a setting; it is not one of ours.
-    not_settings = ("config", "secrets_file", "load_dotenv")
+    # MODELFLEET_CONFIG / _SECRETS_FILE pick files and MODELFLEET_TEST_AMQP_URL picks the test
+    # broker: they share our prefix but are not settings.
+    not_settings = ("config", "secrets_file", "load_dotenv", "test_amqp_url")
     data = {k: v for k, v in _lower_keys(data).items() if k not in not_settings}
     _resolve_aliases(data)
     return settings_from_mapping(data)

@@ -62,13 +62,13 @@ class _Fleet:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "modelfleet", *args],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with (self.logs / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "modelfleet", *args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.procs[name] = proc
         return proc
 

@@ -126,7 +126,10 @@ class Registry:
         if previous is not None and hb.seq < previous.seq:
             return Observation.IGNORED
         if previous is None or set(hb.models) - set(previous.models):
-            known = self.model_names()
+            # The worker's own previous models are replaced, not added to: leave them out.
+            known = {
+                m for w in self._workers.values() if w.worker_id != hb.worker_id for m in w.models
+            }
             if len(known | set(hb.models)) > self._max_models:
                 return Observation.REFUSED
         lag = 0.0 if wall_now is None else max(0.0, wall_now - hb.sent_at)
