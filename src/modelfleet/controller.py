@@ -120,6 +120,7 @@ class Controller:
         self._catalog_written: frozenset[str] | None = None
         self._stop = asyncio.Event()
         self._rounds = 0
+        self._kick_pending = False
         self.metrics.attach(self.model_figures, self._fleet_figures)
 
     # -- timing --------------------------------------------------------------------------
@@ -259,11 +260,24 @@ class Controller:
     # -- sweeper and binder --------------------------------------------------------------
 
     def _kick(self) -> None:
-        if self._channel is None or self._stop.is_set():
+        # One pending routing round at a time: a burst of joining workers needs one, not many.
+        if self._channel is None or self._stop.is_set() or self._kick_pending:
             return
-        task = asyncio.create_task(self._apply_routing())
+        self._kick_pending = True
+        task = asyncio.create_task(self._kicked_routing())
         self._tasks.append(task)
-        task.add_done_callback(lambda t: t in self._tasks and self._tasks.remove(t))
+        task.add_done_callback(self._forget_task)
+
+    async def _kicked_routing(self) -> None:
+        self._kick_pending = False
+        try:
+            await self._apply_routing()
+        except Exception:
+            log.exception("routing round failed; the sweeper retries")
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        if task in self._tasks:
+            self._tasks.remove(task)
 
     def sweep(self) -> None:
         """Evict silent workers (pure registry work; routing follows in _apply_routing)."""

@@ -33,7 +33,7 @@ __all__ = [
     "parse_reply",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 
 # Model names become queue names and routing keys. ASCII only (no look-alikes), no AMQP wildcard
 # characters, no leading/trailing or doubled dots; '/' and ':' are allowed for names such as

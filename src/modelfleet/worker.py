@@ -152,7 +152,7 @@ class Worker:
         self.state = WorkerState.READY
         self.counters: dict[str, int] = dict.fromkeys(JobCounters.model_fields, 0)
         self._running: dict[str, float] = {}  # job id -> monotonic start
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._slots = asyncio.Semaphore(self.concurrency)
         self._seq = 0
         self._connection: AbstractRobustConnection | None = None
@@ -240,7 +240,7 @@ class Worker:
         """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), then stop cleanly."""
         await self.start()
         loop = asyncio.get_running_loop()
-        installed: list[int] = []
+        installed: list[signal.Signals] = []
         if self._install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -319,7 +319,7 @@ class Worker:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
         if task is not None:
-            self._tasks.add(task)  # type: ignore[arg-type]
+            self._tasks.add(task)
         try:
             async with self._slots:
                 if not self._started:
@@ -335,7 +335,7 @@ class Worker:
             raise
         finally:
             if task is not None:
-                self._tasks.discard(task)  # type: ignore[arg-type]
+                self._tasks.discard(task)
 
     def _parse(self, message: AbstractIncomingMessage) -> Job:
         model = message.routing_key or ""
@@ -455,7 +455,8 @@ class Worker:
             # A thread cannot be cancelled: it holds its slot until it returns, and shows up in
             # heartbeats as a stuck job if it never does.
             return await asyncio.to_thread(self.handler, job), 0
-        return await self._bounded(self._stream(job, message), job)
+        streamed: tuple[Any, int] = await self._bounded(self._stream(job, message), job)
+        return streamed
 
     async def _bounded(self, awaitable: Any, job: Job) -> Any:
         remaining = job.remaining()
