@@ -7,7 +7,6 @@ message saying how to provide one.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import uuid
@@ -27,7 +26,9 @@ LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
 def _answers(url: str) -> bool:
     parts = urlsplit(url)
     try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), timeout=2):
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or 5672), timeout=2
+        ):
             return True
     except OSError:
         return False

@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 
 
-async def wait_for(predicate: Any, *, timeout: float = 10.0, interval: float = 0.02, what: str = "") -> None:
+async def wait_for(
+    predicate: Any, *, timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> None:
     """Poll ``predicate`` (sync or async) until true, failing after ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

@@ -64,7 +64,11 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", parents=[common], help="serve models with a handler")
     worker.add_argument(
-        "--model", action="append", required=True, metavar="NAME", help="model to serve (repeatable)"
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME",
+        help="model to serve (repeatable)",
     )
     worker.add_argument(
         "--handler",
@@ -72,21 +76,39 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MODULE:ATTR",
         help="handler to run (default: modelfleet.handlers:echo; try modelfleet.handlers:fake_llm)",
     )
-    worker.add_argument("--concurrency", type=int, metavar="N", help="jobs at once (default: settings)")
-    worker.add_argument("--worker-id", metavar="ID", help="identity in the registry (default: host-pid-random)")
+    worker.add_argument(
+        "--concurrency", type=int, metavar="N", help="jobs at once (default: settings)"
+    )
+    worker.add_argument(
+        "--worker-id", metavar="ID", help="identity in the registry (default: host-pid-random)"
+    )
 
-    submit = commands.add_parser("submit", parents=[common], help="send one job and print its answer")
+    submit = commands.add_parser(
+        "submit", parents=[common], help="send one job and print its answer"
+    )
     submit.add_argument("--model", required=True, metavar="NAME")
     submit.add_argument("--stream", action="store_true", help="print chunks as they arrive")
-    submit.add_argument("--timeout", type=float, metavar="S", help="deadline in seconds (default: settings)")
-    submit.add_argument("payload", nargs="?", default="null", metavar="PAYLOAD_JSON", help="JSON payload, or - for stdin")
+    submit.add_argument(
+        "--timeout", type=float, metavar="S", help="deadline in seconds (default: settings)"
+    )
+    submit.add_argument(
+        "payload",
+        nargs="?",
+        default="null",
+        metavar="PAYLOAD_JSON",
+        help="JSON payload, or - for stdin",
+    )
 
     status = commands.add_parser("status", parents=[common], help="show models and workers")
     status.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    status.add_argument("--url", metavar="URL", help="controller status API (default: http.host:http.port)")
+    status.add_argument(
+        "--url", metavar="URL", help="controller status API (default: http.host:http.port)"
+    )
 
     demo = commands.add_parser("demo", parents=[common], help="run a short self-contained demo")
-    demo.add_argument("--jobs", type=int, default=200, metavar="N", help="jobs in the burst (default 200)")
+    demo.add_argument(
+        "--jobs", type=int, default=200, metavar="N", help="jobs in the burst (default 200)"
+    )
     return parser
 
 
@@ -97,8 +119,12 @@ def _setup_logging(settings: Settings) -> None:
         stream=sys.stderr,
     )
     # aio-pika logs every reconnect attempt at length; our own lines say what matters.
-    logging.getLogger("aio_pika").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
-    logging.getLogger("aiormq").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
+    logging.getLogger("aio_pika").setLevel(
+        max(logging.WARNING, logging.getLevelName(settings.log_level))
+    )
+    logging.getLogger("aiormq").setLevel(
+        max(logging.WARNING, logging.getLevelName(settings.log_level))
+    )
 
 
 def _load_handler(spec: str) -> Any:
@@ -182,7 +208,9 @@ def _fetch(url: str) -> Any:
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(line.rstrip() for line in lines)
@@ -216,7 +244,9 @@ def render_status(models: list[dict[str, Any]], workers: list[dict[str, Any]]) -
         [
             _table(model_rows, ["MODEL", "WORKERS", "CAPACITY", "IN_FLIGHT", "QUEUED", "ROUTABLE"]),
             "",
-            _table(worker_rows, ["WORKER", "MODELS", "STATE", "BUSY", "LAST_HEARTBEAT", "HOST:PID"]),
+            _table(
+                worker_rows, ["WORKER", "MODELS", "STATE", "BUSY", "LAST_HEARTBEAT", "HOST:PID"]
+            ),
         ]
     )
 

@@ -151,7 +151,9 @@ class Client:
             body = JobRequest(model=model, payload=payload, deadline=deadline, stream=stream)
             data = body.model_dump_json().encode()
         except (ValidationError, ValueError, TypeError) as exc:
-            raise InvalidJobError(f"payload is not JSON-serialisable: {exc}", model=model, job_id="-") from None
+            raise InvalidJobError(
+                f"payload is not JSON-serialisable: {exc}", model=model, job_id="-"
+            ) from None
         limit = self.settings.worker.max_payload_bytes
         if len(data) > limit:
             raise InvalidJobError(
@@ -172,7 +174,9 @@ class Client:
             reply_to=DIRECT_REPLY_TO,
             # The job's deadline is its time-to-live: nobody runs a job its producer gave up on.
             expiration=max(timeout, 0.001),
-            headers={DEADLINE_HEADER: deadline},
+            # Integer epoch milliseconds: an AMQP table carries a Python float as a 32-bit
+            # float, which rounds today's epoch seconds to a multiple of 128.
+            headers={DEADLINE_HEADER: round(deadline * 1000)},
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             timestamp=time.time(),
             type="job",

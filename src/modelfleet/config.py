@@ -269,8 +269,6 @@ def load_settings(config_file: str | os.PathLike[str] | None = None) -> Settings
             environments=False,
             load_dotenv=False,
             merge_enabled=True,
-            # Only our own keys: MODELFLEET_CONFIG / _SECRETS_FILE select files, they are not settings.
-            ignore_unknown_envvars=False,
         )
         data = raw.as_dict()
     except Exception as exc:  # dynaconf raises many types for a broken TOML file

@@ -38,7 +38,9 @@ def _with_params(url: str, amqp: AmqpSettings, name: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-async def connect(amqp: AmqpSettings, *, role: str, url: str | None = None) -> AbstractRobustConnection:
+async def connect(
+    amqp: AmqpSettings, *, role: str, url: str | None = None
+) -> AbstractRobustConnection:
     """A robust connection (re-connects, re-declares, re-consumes) named for its role.
 
     Raises :class:`BrokerError` if the first connection cannot be made within

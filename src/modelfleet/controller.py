@@ -216,7 +216,9 @@ class Controller:
         self.metrics.heartbeats_invalid.labels(cause).inc()
         if cause not in self._logged_causes:  # once per cause: a flood must not flood the log
             self._logged_causes.add(cause)
-            log.warning("dropping invalid heartbeat (%s): %s (logged once per cause)", cause, detail)
+            log.warning(
+                "dropping invalid heartbeat (%s): %s (logged once per cause)", cause, detail
+            )
 
     def handle_heartbeat(self, body: bytes) -> Observation | None:
         """Validate and record one heartbeat body (public for tests and benchmarks)."""
@@ -322,7 +324,9 @@ class Controller:
             return
         now = self.clock()
         live = self.registry.live_models()
-        actions = self.routing.plan(now=now, live=live, listen_only=self.listen_only or self.suspect_broker)
+        actions = self.routing.plan(
+            now=now, live=live, listen_only=self.listen_only or self.suspect_broker
+        )
         for action in actions:
             try:
                 if action.kind is ActionKind.BIND:
@@ -332,7 +336,9 @@ class Controller:
                 else:
                     await self.topology.unbind_model(self._channel, action.model)
                     self.routing.mark_unbound(action.model, now=self.clock())
-                    log.warning("model %s has no live worker: unbound, failing its backlog", action.model)
+                    log.warning(
+                        "model %s has no live worker: unbound, failing its backlog", action.model
+                    )
                 self.metrics.routing_changes.labels(action.kind.value).inc()
             except Exception as exc:
                 log.warning("%s %s failed (%s); will retry", action.kind, action.model, exc)
@@ -340,7 +346,9 @@ class Controller:
             self._start_drain(model)
         for model in self.routing.forget_stale(now=now, live=live):
             self._queue_counts.pop(model, None)
-            log.info("model %s forgotten after %.0fs without workers", model, self.routing.forget_after_s)
+            log.info(
+                "model %s forgotten after %.0fs without workers", model, self.routing.forget_after_s
+            )
         await self._write_catalog()
 
     # -- catalog: the models a restarted controller must know about -------------------------
@@ -409,7 +417,9 @@ class Controller:
                     mandatory=False,
                 )
         headers: dict[str, Any] = dict(message.headers or {})
-        headers.update({REASON_HEADER: DeadReason.NO_WORKER, ERROR_HEADER: text, MODEL_HEADER: model})
+        headers.update(
+            {REASON_HEADER: DeadReason.NO_WORKER, ERROR_HEADER: text, MODEL_HEADER: model}
+        )
         copy = aio_pika.Message(
             message.body,
             headers=headers,
@@ -435,11 +445,13 @@ class Controller:
         model = message.routing_key or ""
         if not self._heard_everyone() and model not in self.registry.live_models():
             # Just started: a live worker of this model may not have spoken to us yet.
-            await asyncio.sleep(max(0.0, 1.5 * self.settings.heartbeat.interval_s - self._since_start()))
+            await asyncio.sleep(
+                max(0.0, 1.5 * self.settings.heartbeat.interval_s - self._since_start())
+            )
         headers = message.headers or {}
-        if model in self.registry.live_models() and not headers.get(REROUTED_HEADER):
-            if await self._reroute(message, model):
-                return
+        live = model in self.registry.live_models()
+        if live and not headers.get(REROUTED_HEADER) and await self._reroute(message, model):
+            return
         await self._fail_no_worker(message, model)
 
     def _since_start(self) -> float:
@@ -450,7 +462,8 @@ class Controller:
         assert self._channel is not None and self._jobs is not None
         headers: dict[str, Any] = dict(message.headers or {})
         deadline = headers.get(DEADLINE_HEADER)
-        remaining = float(deadline) - time.time() if isinstance(deadline, (int, float)) else None
+        # Epoch milliseconds (see Client._publish).
+        remaining = deadline / 1000 - time.time() if isinstance(deadline, (int, float)) else None
         if remaining is not None and remaining <= 0:
             return False
         headers[REROUTED_HEADER] = 1
@@ -486,7 +499,9 @@ class Controller:
             return
         if self._queue_counts.get(model, (1, 0))[0] == 0 and task is not None:
             return  # drained before and nothing arrived since
-        self._drains[model] = asyncio.create_task(self._drain(model), name=f"modelfleet-drain-{model}")
+        self._drains[model] = asyncio.create_task(
+            self._drain(model), name=f"modelfleet-drain-{model}"
+        )
 
     async def _drain(self, model: str) -> None:
         """Fail the backlog of an unbound model with NO_WORKER, until empty or a worker returns."""

@@ -127,7 +127,9 @@ async def run_demo(settings: Settings, *, jobs: int = 200) -> int:
             )  # fmt: skip
         await fleet.wait_status(
             "/v1/models",
-            lambda d: any(m["name"] == MODEL and m["workers"] == 2 and m["routable"] for m in d["models"]),
+            lambda d: any(
+                m["name"] == MODEL and m["workers"] == 2 and m["routable"] for m in d["models"]
+            ),
             30,
             "two routable workers",
         )
@@ -155,7 +157,9 @@ async def run_demo(settings: Settings, *, jobs: int = 200) -> int:
                 print(f"   chunk {chunk['text']!r}", flush=True)
             ok &= stream.result["text"] == "streaming one word at a time"
             _say(f"   final result {stream.result['text']!r} (first chunk after {first or 0:.3f}s)")
-            summary.append(("stream", f"{stream.result['words']} chunks, first after {first or 0:.3f}s"))
+            summary.append(
+                ("stream", f"{stream.result['words']} chunks, first after {first or 0:.3f}s")
+            )
 
             # -- no worker -------------------------------------------------------------
             started = time.monotonic()
@@ -165,8 +169,13 @@ async def run_demo(settings: Settings, *, jobs: int = 200) -> int:
                 _say("4. no-worker: UNEXPECTED success")
             except NoWorkerError as exc:
                 took = time.monotonic() - started
-                _say(f"4. no-worker: {exc.code.name} ({int(exc.code)}) after {took * 1000:.0f} ms: {exc.message}")
-                summary.append(("no worker", f"NoWorkerError {int(exc.code)} in {took * 1000:.0f} ms"))
+                _say(
+                    f"4. no-worker: {exc.code.name} ({int(exc.code)}) "
+                    f"after {took * 1000:.0f} ms: {exc.message}"
+                )
+                summary.append(
+                    ("no worker", f"NoWorkerError {int(exc.code)} in {took * 1000:.0f} ms")
+                )
 
             # -- kill a worker mid-burst -----------------------------------------------
             slow = {"prompt": "one two three four five", "delay": 0.05}
@@ -177,7 +186,9 @@ async def run_demo(settings: Settings, *, jobs: int = 200) -> int:
             with contextlib.suppress(Exception):
                 data = await fleet.wait_status(
                     "/v1/workers",
-                    lambda d: any(w["pid"] == victim.pid and w["in_flight"] > 0 for w in d["workers"]),
+                    lambda d: any(
+                        w["pid"] == victim.pid and w["in_flight"] > 0 for w in d["workers"]
+                    ),
                     10,
                     "worker-1 to hold jobs",
                 )
@@ -185,7 +196,9 @@ async def run_demo(settings: Settings, *, jobs: int = 200) -> int:
             victim.send_signal(signal.SIGKILL)
             killed_at = time.monotonic()
             outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-            answered = sum(1 for r in outcomes if isinstance(r, dict) and r.get("text") == slow["prompt"])
+            answered = sum(
+                1 for r in outcomes if isinstance(r, dict) and r.get("text") == slow["prompt"]
+            )
             failed = [r for r in outcomes if isinstance(r, JobError)]
             ok &= answered == count
             _say(

@@ -70,7 +70,9 @@ class JobError(ModelfleetError):
         self.model = model
         self.job_id = job_id
         self.message = message
-        super().__init__(f"[{int(self.code)} {self.code.name}] model={model!r} job={job_id}: {message}")
+        super().__init__(
+            f"[{int(self.code)} {self.code.name}] model={model!r} job={job_id}: {message}"
+        )
 
     def to_dict(self) -> dict[str, object]:
         """The JSON shape the CLI prints and the gateway will return."""

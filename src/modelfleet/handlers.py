@@ -30,7 +30,12 @@ async def fake_llm(job: Job) -> AsyncIterator[Any]:
     if not isinstance(payload, dict) or not isinstance(payload.get("prompt"), str):
         raise job.invalid("fake_llm needs a payload object with a 'prompt' string")
     delay = payload.get("delay", 0)
-    if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not math.isfinite(delay) or delay < 0:
+    if (
+        not isinstance(delay, (int, float))
+        or isinstance(delay, bool)
+        or not math.isfinite(delay)
+        or delay < 0
+    ):
         raise job.invalid("fake_llm: 'delay' must be a non-negative number of seconds")
     words = payload["prompt"].split()
     for index, word in enumerate(words):

@@ -49,7 +49,8 @@ class _FleetCollector(Collector):
             "routable": ("modelfleet_model_routable", "1 while the model queue is bound"),
         }
         families = {
-            key: GaugeMetricFamily(name, doc, labels=["model"]) for key, (name, doc) in per_model.items()
+            key: GaugeMetricFamily(name, doc, labels=["model"])
+            for key, (name, doc) in per_model.items()
         }
         for figures in self._models():
             for key, family in families.items():
@@ -90,7 +91,9 @@ class ControllerMetrics:
             registry=self.registry,
         )
         self.evictions = Counter(
-            "modelfleet_evictions", "Workers removed from the registry, by reason", ["reason"],
+            "modelfleet_evictions",
+            "Workers removed from the registry, by reason",
+            ["reason"],
             registry=self.registry,
         )
         self.dead_letters = Counter(
@@ -100,7 +103,9 @@ class ControllerMetrics:
             registry=self.registry,
         )
         self.routing_changes = Counter(
-            "modelfleet_routing_changes", "Bind/unbind actions executed", ["action"],
+            "modelfleet_routing_changes",
+            "Bind/unbind actions executed",
+            ["action"],
             registry=self.registry,
         )
         self.sweep_duration = Histogram(

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 REASON_HEADER = "x-mf-reason"
 ERROR_HEADER = "x-mf-error"
 MODEL_HEADER = "x-mf-model"
-DEADLINE_HEADER = "x-mf-deadline"
+DEADLINE_HEADER = "x-mf-deadline"  # the producer's deadline, integer epoch milliseconds
 
 
 class DeadReason:
@@ -212,9 +212,7 @@ class Topology:
         """Everything but model and controller queues."""
         await self.declare_heartbeats(channel)
         await self.declare_jobs(channel)
-        await channel.declare_queue(
-            self.names.catalog, durable=True, arguments={"x-max-length": 1}
-        )
+        await channel.declare_queue(self.names.catalog, durable=True, arguments={"x-max-length": 1})
 
     async def declare_model_queue(self, channel: AbstractChannel, model: str) -> AbstractQueue:
         """Declare ``{ns}.model.{model}`` (not bound: the controller binds live models)."""
@@ -259,7 +257,9 @@ class Topology:
         result = queue.declaration_result
         return int(result.message_count or 0), int(result.consumer_count or 0)
 
-    async def delete(self, channel: AbstractChannel, models: list[str] | tuple[str, ...] = ()) -> None:
+    async def delete(
+        self, channel: AbstractChannel, models: list[str] | tuple[str, ...] = ()
+    ) -> None:
         """Delete the namespace's queues and exchanges (tests, ``modelfleet`` clean-up)."""
         for model in models:
             await channel.queue_delete(self.names.model_queue(model))

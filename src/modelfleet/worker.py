@@ -265,13 +265,20 @@ class Worker:
         self._stop_requested.set()
         grace = self.settings.worker.stop_grace_s if grace_s is None else grace_s
         self.state = WorkerState.DRAINING
-        for queue, tag in self._queues:
-            with contextlib.suppress(Exception):
-                await queue.cancel(tag)
+        # Bounded: on a connection that is down, a robust channel waits for the reconnection
+        # before it cancels, and a stop must never wait for that (jobs delivered meanwhile are
+        # handed back by _on_message).
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.settings.heartbeat.interval_s):
+                for queue, tag in self._queues:
+                    with contextlib.suppress(Exception):
+                        await queue.cancel(tag)
         await self._send_heartbeat()
         pending = set(self._tasks)
         if pending:
-            log.info("worker %s: waiting up to %.1fs for %d job(s)", self.worker_id, grace, len(pending))
+            log.info(
+                "worker %s: waiting up to %.1fs for %d job(s)", self.worker_id, grace, len(pending)
+            )
             _, pending = await asyncio.wait(pending, timeout=grace)
         for task in pending:
             task.cancel()
@@ -306,7 +313,9 @@ class Worker:
                 timeout=self.settings.heartbeat.interval_s,
             )
         except Exception as exc:  # broker outage: keep serving, the next beat will tell
-            log.warning("worker %s: heartbeat not sent: %s", self.worker_id, exc or type(exc).__name__)
+            log.warning(
+                "worker %s: heartbeat not sent: %s", self.worker_id, exc or type(exc).__name__
+            )
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat.interval_s
@@ -405,7 +414,10 @@ class Worker:
         except InvalidJobError as exc:
             self.counters["invalid"] += 1
             await self._fail(
-                message, model, job_id, _Failure(ErrorCode.INVALID_JOB, DeadReason.INVALID, exc.message)
+                message,
+                model,
+                job_id,
+                _Failure(ErrorCode.INVALID_JOB, DeadReason.INVALID, exc.message),
             )
             return
         except asyncio.CancelledError:
@@ -508,7 +520,9 @@ class Worker:
         )
         # mandatory=False: RabbitMQ 3.10 both delivers and returns a mandatory reply to a
         # direct reply-to address, doubling the work.
-        await self._channel.default_exchange.publish(out, routing_key=message.reply_to, mandatory=False)
+        await self._channel.default_exchange.publish(
+            out, routing_key=message.reply_to, mandatory=False
+        )
 
     async def _fail(
         self, message: AbstractIncomingMessage, model: str, job_id: str, failure: _Failure
@@ -521,7 +535,11 @@ class Worker:
             )
         headers = dict(message.headers or {})
         headers.update(
-            {REASON_HEADER: failure.reason, ERROR_HEADER: failure.message[:1000], MODEL_HEADER: model}
+            {
+                REASON_HEADER: failure.reason,
+                ERROR_HEADER: failure.message[:1000],
+                MODEL_HEADER: model,
+            }
         )
         copy = aio_pika.Message(
             message.body,

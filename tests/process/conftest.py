@@ -55,12 +55,23 @@ class Fleet:
     def controller(self) -> subprocess.Popen[bytes]:
         return self.spawn("controller", "controller")
 
-    def worker(self, model: str, handler: str = "modelfleet.handlers:fake_llm", concurrency: int = 4) -> subprocess.Popen[bytes]:
+    def worker(
+        self, model: str, handler: str = "modelfleet.handlers:fake_llm", concurrency: int = 4
+    ) -> subprocess.Popen[bytes]:
         return self.spawn(
-            "worker", "worker", "--model", model, "--handler", handler, "--concurrency", str(concurrency)
+            "worker",
+            "worker",
+            "--model",
+            model,
+            "--handler",
+            handler,
+            "--concurrency",
+            str(concurrency),
         )
 
-    def run_cli(self, *args: str, stdin: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def run_cli(
+        self, *args: str, stdin: str | None = None, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
         """Run a short ``modelfleet`` command to completion (in a thread from async tests)."""
         return subprocess.run(
             [sys.executable, "-m", "modelfleet", *args],
@@ -74,7 +85,9 @@ class Fleet:
     async def get(self, path: str) -> Any:
         if self._session is None:
             self._session = aiohttp.ClientSession()
-        async with self._session.get(self.status_url + path, timeout=aiohttp.ClientTimeout(total=2)) as r:
+        async with self._session.get(
+            self.status_url + path, timeout=aiohttp.ClientTimeout(total=2)
+        ) as r:
             return await r.json()
 
     async def wait(self, path: str, check: Any, *, timeout: float = 20, what: str = "") -> Any:
@@ -94,7 +107,10 @@ class Fleet:
     async def wait_routable(self, model: str, workers: int, timeout: float = 20) -> None:
         await self.wait(
             "/v1/models",
-            lambda d: any(m["name"] == model and m["workers"] == workers and m["routable"] for m in d["models"]),
+            lambda d: any(
+                m["name"] == model and m["workers"] == workers and m["routable"]
+                for m in d["models"]
+            ),
             timeout=timeout,
             what=f"{model} routable with {workers} worker(s)",
         )

@@ -34,7 +34,9 @@ async def test_submit_prints_result_and_stream(ns: Namespace, fleet: Fleet) -> N
     from_stdin = await _cli(fleet, "submit", "--model", echo, "-", stdin='{"y": true}')
     assert from_stdin.returncode == 0 and json.loads(from_stdin.stdout) == {"y": True}
 
-    streamed = await _cli(fleet, "submit", "--model", llm, "--stream", '{"prompt": "hello streaming world"}')
+    streamed = await _cli(
+        fleet, "submit", "--model", llm, "--stream", '{"prompt": "hello streaming world"}'
+    )
     assert streamed.returncode == 0, streamed.stderr
     lines = [json.loads(line) for line in streamed.stdout.splitlines()]
     assert lines[:-1] == [{"text": "hello"}, {"text": " streaming"}, {"text": " world"}]
@@ -47,7 +49,9 @@ async def test_submit_errors_exit_nonzero_with_json_code(ns: Namespace, fleet: F
     fleet.worker(llm, handler="modelfleet.handlers:fake_llm")
     await fleet.wait_routable(llm, workers=1)
 
-    nobody = await _cli(fleet, "submit", "--model", ns.model("ghost"), "--timeout", "10", '{"prompt": "x"}')
+    nobody = await _cli(
+        fleet, "submit", "--model", ns.model("ghost"), "--timeout", "10", '{"prompt": "x"}'
+    )
     assert nobody.returncode == 1
     error = parse_json_line(nobody.stderr)
     assert error["code"] == 50005 and error["error"] == "NO_WORKER" and error["job_id"]
@@ -89,7 +93,9 @@ def test_status_without_controller_says_so(ns: Namespace, tmp_path: Path) -> Non
     assert "did not answer" in parse_json_line(done.stderr)["message"]
 
 
-@pytest.mark.parametrize("command", ["controller", "worker --model m", "submit --model m", "status", "demo"])
+@pytest.mark.parametrize(
+    "command", ["controller", "worker --model m", "submit --model m", "status", "demo"]
+)
 def test_every_command_takes_config_and_reports_bad_settings(
     ns: Namespace, tmp_path: Path, command: str
 ) -> None:
@@ -144,5 +150,7 @@ def test_demo_runs_and_exits_zero(ns: Namespace, tmp_path: Path) -> None:
 def test_python_dash_m_version() -> None:
     import subprocess
 
-    done = subprocess.run([sys.executable, "-m", "modelfleet", "--version"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "modelfleet", "--version"], capture_output=True, text=True
+    )
     assert done.returncode == 0 and done.stdout.startswith("modelfleet ")

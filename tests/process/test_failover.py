@@ -1,4 +1,4 @@
-"""Real processes, real faults: SIGKILL, SIGSTOP, clean stop of the last worker, controller restart."""
+"""Real processes, real faults: SIGKILL, SIGSTOP, the last worker stopping, controller restart."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ pytestmark = pytest.mark.process
 SLOW = {"prompt": "one two three four five", "delay": 0.1}  # about 0.5 s a job
 
 
-async def test_sigkill_worker_holding_jobs_its_jobs_are_answered_by_another(ns: Namespace, fleet: Fleet) -> None:
+async def test_sigkill_worker_holding_jobs_its_jobs_are_answered_by_another(
+    ns: Namespace, fleet: Fleet
+) -> None:
     model = ns.model()
     fleet.controller()
     victim = fleet.worker(model, concurrency=4)
@@ -36,7 +38,9 @@ async def test_sigkill_worker_holding_jobs_its_jobs_are_answered_by_another(ns: 
     assert [r["text"] for r in results] == [SLOW["prompt"]] * 16
 
 
-async def test_sigstopped_worker_leaves_within_timeout_plus_one_sweep(ns: Namespace, fleet: Fleet) -> None:
+async def test_sigstopped_worker_leaves_within_timeout_plus_one_sweep(
+    ns: Namespace, fleet: Fleet
+) -> None:
     model = ns.model()
     settings = ns.settings()
     fleet.controller()
@@ -65,7 +69,9 @@ async def test_sigstopped_worker_leaves_within_timeout_plus_one_sweep(ns: Namesp
     await fleet.wait_routable(model, workers=2)
 
 
-async def test_last_worker_stopping_fails_new_jobs_fast_and_dead_letters_backlog(ns: Namespace, fleet: Fleet) -> None:
+async def test_last_worker_stopping_fails_new_jobs_fast_and_dead_letters_backlog(
+    ns: Namespace, fleet: Fleet
+) -> None:
     model = ns.model()
     fleet.controller()
     worker = fleet.worker(model, concurrency=1)
