@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 VPY   := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv broker test demo lint fmt typecheck check clean distclean
+.PHONY: help venv broker prometheus test demo lint fmt typecheck check clean distclean
 
 help: ## Show this list of targets
 	@echo "Usage: make <target> [PYTHON=python3] [PYTEST_ARGS='...']"
@@ -35,7 +35,10 @@ venv: $(STAMP) ## Create .venv and install the package with [dev] extras
 broker: ## Make sure a RabbitMQ (3.10+) is reachable for tests/demo
 	@scripts/ensure-broker
 
-test: venv broker ## Run the test suite (PYTEST_ARGS=... passed to pytest)
+prometheus: ## Make sure promtool + prometheus (Debian's package) are installed for the tests
+	@scripts/ensure-prometheus
+
+test: venv broker prometheus ## Run the test suite (PYTEST_ARGS=... passed to pytest)
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 demo: venv broker ## Run the local demo (modelfleet demo)

@@ -3,7 +3,8 @@
     modelfleet controller
     modelfleet worker --model NAME [--model NAME ...] --handler MODULE:ATTR [--concurrency N]
     modelfleet submit --model NAME [--stream] [--timeout S] [PAYLOAD_JSON | -]
-    modelfleet status [--json] [--url URL]
+    modelfleet status [--json] [--watch] [--url URL]
+    modelfleet loadgen --model NAME [--rate R] [--duration S]
     modelfleet demo
 
 Every command takes ``--config FILE``. Exit codes: 0 success, 1 the job failed (its error is
@@ -19,6 +20,7 @@ import importlib
 import json
 import logging
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -103,6 +105,32 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON instead of tables")
     status.add_argument(
         "--url", metavar="URL", help="controller status API (default: http.host:http.port)"
+    )
+    status.add_argument(
+        "--watch", action="store_true", help="refresh every second until Ctrl-C (a live view)"
+    )
+    status.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="--watch refresh period (default 1)",
+    )
+
+    load = commands.add_parser(
+        "loadgen", parents=[common], help="send a steady stream of fake_llm jobs (for dashboards)"
+    )
+    load.add_argument("--model", required=True, metavar="NAME")
+    load.add_argument("--rate", type=float, default=10.0, metavar="JOBS_PER_S", help="default 10")
+    load.add_argument(
+        "--duration", type=float, metavar="S", help="stop after S seconds (default: never)"
+    )
+    load.add_argument(
+        "--stream-share",
+        type=float,
+        default=0.2,
+        metavar="F",
+        help="share of streamed jobs (default 0.2)",
     )
 
     demo = commands.add_parser("demo", parents=[common], help="run a short self-contained demo")
@@ -253,6 +281,8 @@ def render_status(models: list[dict[str, Any]], workers: list[dict[str, Any]]) -
 
 def _run_status(settings: Settings, args: argparse.Namespace) -> int:
     base = (args.url or f"http://{settings.http.host}:{settings.http.port}").rstrip("/")
+    if args.watch:
+        return _watch_status(base, args.interval)
     models = _fetch(f"{base}/v1/models")["models"]
     workers = _fetch(f"{base}/v1/workers")["workers"]
     if args.json:
@@ -260,6 +290,27 @@ def _run_status(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print(render_status(models, workers))
     return EXIT_OK
+
+
+def _watch_status(base: str, interval: float) -> int:
+    """Redraw the status tables every ``interval`` seconds until Ctrl-C."""
+    if interval <= 0:
+        raise UsageError("--interval must be positive")
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    try:
+        while True:
+            stamp = time.strftime("%H:%M:%S")
+            try:
+                models = _fetch(f"{base}/v1/models")["models"]
+                workers = _fetch(f"{base}/v1/workers")["workers"]
+                body = render_status(models, workers)
+            except BrokerError as exc:
+                body = f"(controller unreachable: {exc}; retrying)"
+            header = f"modelfleet status - {base} - {stamp} (Ctrl-C to quit)"
+            print(f"{clear}{header}\n\n{body}\n", flush=True)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -279,6 +330,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_run_submit(settings, args))
         if args.command == "status":
             return _run_status(settings, args)
+        if args.command == "loadgen":
+            from modelfleet.loadgen import run_load
+
+            if args.rate <= 0:
+                raise UsageError("--rate must be positive")
+            if not 0 <= args.stream_share <= 1:
+                raise UsageError("--stream-share must be between 0 and 1")
+            asyncio.run(
+                run_load(
+                    settings,
+                    model=args.model,
+                    rate=args.rate,
+                    duration_s=args.duration,
+                    stream_share=args.stream_share,
+                )
+            )
+            return EXIT_OK
         if args.command == "demo":
             from modelfleet.demo import run_demo
 

@@ -148,7 +148,9 @@ class Client:
         except ValueError as exc:
             raise InvalidModelError(str(exc), model=str(model)[:100], job_id="-") from None
         try:
-            body = JobRequest(model=model, payload=payload, deadline=deadline, stream=stream)
+            body = JobRequest(
+                model=model, payload=payload, deadline=deadline, stream=stream, sent_at=time.time()
+            )
             data = body.model_dump_json().encode()
         except (ValidationError, ValueError, TypeError) as exc:
             raise InvalidJobError(

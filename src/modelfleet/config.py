@@ -40,6 +40,7 @@ __all__ = [
     "ClientSettings",
     "HeartbeatSettings",
     "HttpSettings",
+    "MetricsSettings",
     "RoutingSettings",
     "Settings",
     "WorkerSettings",
@@ -142,6 +143,9 @@ class WorkerSettings(_Section):
     stuck_after_s: float = Field(300.0, gt=0)
     # Relative speed advertised to the controller (FastChat's WorkerInfo.speed).
     speed: float = Field(1.0, gt=0)
+    # A job running longer than this makes the worker exit (a thread cannot be cancelled) so the
+    # broker requeues what it held; unset = never.
+    stuck_exit_s: float | None = Field(None, gt=0)
 
 
 class ClientSettings(_Section):
@@ -153,6 +157,12 @@ class HttpSettings(_Section):
     # The controller's status API (/v1/models, /v1/workers, /healthz, /metrics).
     host: str = "127.0.0.1"
     port: int = Field(21001, ge=0, le=65535)
+
+
+class MetricsSettings(_Section):
+    # Per-worker series (label `worker`) are exported only while the fleet has at most this many
+    # workers, so a large fleet cannot blow up the metric cardinality.
+    max_worker_series: int = Field(200, ge=0)
 
 
 class Settings(_Section):
@@ -167,6 +177,7 @@ class Settings(_Section):
     worker: WorkerSettings = WorkerSettings()
     client: ClientSettings = ClientSettings()
     http: HttpSettings = HttpSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @field_validator("namespace")
     @classmethod

@@ -49,9 +49,10 @@ from modelfleet.config import Settings
 from modelfleet.connections import connect
 from modelfleet.errors import ErrorCode
 from modelfleet.messages import ErrorReply, Heartbeat
-from modelfleet.metrics import ControllerMetrics, ModelFigures
+from modelfleet.metrics import ControllerMetrics, ModelFigures, WorkerFigures, reason_label
 from modelfleet.registry import EvictionReason, Observation, Registry
 from modelfleet.routing import ActionKind, RoutingTable
+from modelfleet.stats import FleetStats
 from modelfleet.topology import (
     DEADLINE_HEADER,
     ERROR_HEADER,
@@ -60,6 +61,7 @@ from modelfleet.topology import (
     DeadReason,
     Names,
     Topology,
+    dead_reason,
     json_message,
 )
 
@@ -104,6 +106,7 @@ class Controller:
             forget_after_s=self.settings.routing.forget_after_s,
         )
         self.metrics = ControllerMetrics()
+        self.fleet_stats = FleetStats(max_models=self.settings.routing.max_models)
         self.started_at: float | None = None
         self.suspect_broker = False
         self._queue_counts: dict[str, tuple[int, int]] = {}
@@ -121,7 +124,7 @@ class Controller:
         self._stop = asyncio.Event()
         self._rounds = 0
         self._kick_pending = False
-        self.metrics.attach(self.model_figures, self._fleet_figures)
+        self.metrics.attach(self)
 
     # -- timing --------------------------------------------------------------------------
 
@@ -158,6 +161,10 @@ class Controller:
         hb_channel = await self._connection.channel(publisher_confirms=False)
         self._hb_queue = await self.topology.declare_controller_queue(hb_channel, self.instance)
         await self._hb_queue.consume(self._on_heartbeat, no_ack=True)
+
+        tap_channel = await self._connection.channel(publisher_confirms=False)
+        tap = await self.topology.declare_dead_tap(tap_channel, self.instance)
+        await tap.consume(self._on_dead_letter, no_ack=True)
 
         nw_channel = await self._connection.channel(publisher_confirms=True)
         await nw_channel.set_qos(prefetch_count=200)
@@ -244,11 +251,19 @@ class Controller:
             return observation
         self.metrics.heartbeats.inc()
         self.metrics.heartbeat_lag.observe(max(0.0, time.time() - hb.sent_at))
+        if observation is not Observation.IGNORED:
+            self.fleet_stats.update(hb.worker_id, hb.stats)
         if observation is Observation.ADDED:
             log.info("worker %s joined: %s", hb.worker_id, ", ".join(hb.models))
         elif observation is Observation.REMOVED:
-            self.metrics.evictions.labels(EvictionReason.STOPPING).inc()
-            log.info("worker %s left (stopping)", hb.worker_id)
+            if hb.stop_reason == "stuck":
+                self.metrics.evictions.labels(EvictionReason.STUCK).inc()
+                log.warning(
+                    "worker %s left: a job was stuck past worker.stuck_exit_s", hb.worker_id
+                )
+            else:
+                self.metrics.evictions.labels(EvictionReason.STOPPING).inc()
+                log.info("worker %s left (stopping)", hb.worker_id)
         if observation in (Observation.ADDED, Observation.REMOVED) or (
             observation is Observation.UPDATED and hb.state.value != "ready"
         ):
@@ -258,6 +273,15 @@ class Controller:
 
     async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
         self.handle_heartbeat(message.body)
+
+    async def _on_dead_letter(self, message: AbstractIncomingMessage) -> None:
+        headers = message.headers or {}
+        model = headers.get(MODEL_HEADER) or message.routing_key or ""
+        if isinstance(model, bytes):
+            model = model.decode(errors="replace")
+        known = model in self.routing or model in self.registry.model_names()
+        label = model if isinstance(model, str) and known else "other"
+        self.metrics.dead_letters.labels(label, reason_label(dead_reason(headers))).inc()
 
     # -- sweeper and binder --------------------------------------------------------------
 
@@ -437,7 +461,7 @@ class Controller:
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
             return
-        self.metrics.dead_letters.labels(DeadReason.NO_WORKER).inc()
+        self.metrics.controller_dead_letters.labels(DeadReason.NO_WORKER).inc()
         with contextlib.suppress(Exception):
             await message.ack()
 
@@ -587,7 +611,23 @@ class Controller:
             )
         return figures
 
-    def _fleet_figures(self) -> dict[str, float]:
+    def worker_figures(self) -> list[WorkerFigures] | None:
+        if len(self.registry) > self.settings.metrics.max_worker_series:
+            return None
+        now = self.clock()
+        stuck_after = self.settings.worker.stuck_after_s
+        return [
+            WorkerFigures(
+                worker_id=w.worker_id,
+                in_flight=w.in_flight,
+                concurrency=w.concurrency,
+                heartbeat_age_s=w.age(now),
+                stuck_jobs=max(w.stuck_jobs, int(w.oldest_job_age_s > stuck_after)),
+            )
+            for w in self.registry.workers()
+        ]
+
+    def fleet_figures(self) -> dict[str, float]:
         return {
             "modelfleet_workers": float(len(self.registry)),
             "modelfleet_controller_listen_only": float(self.listen_only),

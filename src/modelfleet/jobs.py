@@ -27,6 +27,8 @@ class Job:
     stream: bool
     # 1 on first delivery; higher when an earlier worker died holding this job.
     attempt: int = 1
+    # Wall-clock publish time (epoch seconds), when the producer sent it.
+    sent_at: float | None = None
 
     def remaining(self) -> float | None:
         """Seconds left before the producer gives up, or ``None``."""

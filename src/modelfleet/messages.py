@@ -15,9 +15,10 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from modelfleet.errors import ErrorCode
+from modelfleet.stats import ModelStats
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -106,6 +107,10 @@ class Heartbeat(_Message):
     interval_s: float = Field(gt=0, allow_inf_nan=False)
     seq: int = Field(0, ge=0)
     counters: JobCounters = JobCounters()
+    # Cumulative per-model job figures (see modelfleet.stats); the controller sums the fleet's.
+    stats: dict[str, ModelStats] = Field(default_factory=dict)
+    # Why a `stopping` worker stops: "shutdown" (SIGTERM) or "stuck" (worker.stuck_exit_s).
+    stop_reason: Literal["shutdown", "stuck"] | None = None
 
     @field_validator("models")
     @classmethod
@@ -115,6 +120,12 @@ class Heartbeat(_Message):
         if len(set(models)) != len(models):
             raise ValueError("models are listed twice")
         return models
+
+    @model_validator(mode="after")
+    def _stats_for_own_models(self) -> Heartbeat:
+        if not set(self.stats) <= set(self.models):
+            raise ValueError("stats name a model the worker does not serve")
+        return self
 
 
 class JobRequest(_Message):
@@ -126,6 +137,8 @@ class JobRequest(_Message):
     # Wall-clock deadline (epoch seconds); a worker never starts a job past it.
     deadline: float | None = Field(None, allow_inf_nan=False)
     stream: bool = False
+    # Wall-clock publish time (epoch seconds), for the queue-wait and first-chunk histograms.
+    sent_at: float | None = Field(None, allow_inf_nan=False)
 
     @field_validator("model")
     @classmethod

@@ -41,6 +41,7 @@ class Observation(StrEnum):
 class EvictionReason(StrEnum):
     TIMEOUT = "timeout"
     STOPPING = "stopping"
+    STUCK = "stuck"
 
 
 class WorkerInfo(BaseModel):

@@ -121,6 +121,9 @@ class Names:
     def controller_queue(self, instance: str) -> str:
         return f"{self.ns}.controller.{instance}"
 
+    def dead_tap(self, instance: str) -> str:
+        return f"{self.ns}.dead.tap.{instance}"
+
 
 def model_queue_arguments(names: Names, routing: RoutingSettings) -> dict[str, Any]:
     return {
@@ -235,6 +238,18 @@ class Topology:
             arguments=controller_queue_arguments(self.heartbeat),
         )
         await queue.bind(self.names.heartbeats)
+        return queue
+
+    async def declare_dead_tap(self, channel: AbstractChannel, instance: str) -> AbstractQueue:
+        """A controller's own copy of every dead letter, to count them; the error queue itself
+        is left for people and tools. Short TTL and a cap: counting must never build a backlog."""
+        queue = await channel.declare_queue(
+            self.names.dead_tap(instance),
+            durable=False,
+            auto_delete=True,
+            arguments=controller_queue_arguments(self.heartbeat),
+        )
+        await queue.bind(self.names.dead)
         return queue
 
     async def bind_model(self, channel: AbstractChannel, model: str) -> None:

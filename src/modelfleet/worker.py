@@ -30,7 +30,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from secrets import token_hex
-from typing import Any
+from typing import Any, Literal
 
 import aio_pika
 from aio_pika.abc import (
@@ -57,6 +57,7 @@ from modelfleet.messages import (
     WorkerState,
     check_model_name,
 )
+from modelfleet.stats import Outcome, WorkerStats
 from modelfleet.topology import (
     ERROR_HEADER,
     MODEL_HEADER,
@@ -118,6 +119,8 @@ class Worker:
         concurrency: jobs at once, overrides ``settings.worker.concurrency``.
         worker_id: stable identity in the registry (default: ``host-pid-random``).
         install_signal_handlers: :meth:`run` stops cleanly on SIGTERM/SIGINT (default True).
+        on_stuck: called when a job outlives ``worker.stuck_exit_s`` after the final heartbeat
+            (default: exit the process with status 75, so a supervisor restarts it).
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class Worker:
         concurrency: int | None = None,
         worker_id: str | None = None,
         install_signal_handlers: bool = True,
+        on_stuck: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings or Settings()
         self.models: tuple[str, ...] = tuple(dict.fromkeys(check_model_name(m) for m in models))
@@ -148,9 +152,12 @@ class Worker:
             raise ValueError("concurrency must be at least 1")
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{token_hex(3)}"
         self._install_signals = install_signal_handlers
+        # What to do when a job outlives worker.stuck_exit_s (default: end the process).
+        self.on_stuck: Callable[[], None] = on_stuck or _exit_process
 
         self.state = WorkerState.READY
         self.counters: dict[str, int] = dict.fromkeys(JobCounters.model_fields, 0)
+        self.stats = WorkerStats(self.models)
         self._running: dict[str, float] = {}  # job id -> monotonic start
         self._tasks: set[asyncio.Task[Any]] = set()
         self._slots = asyncio.Semaphore(self.concurrency)
@@ -164,6 +171,7 @@ class Worker:
         self._hb_task: asyncio.Task[None] | None = None
         self._stop_requested = asyncio.Event()
         self._started = False
+        self._stop_reason: Literal["shutdown", "stuck"] = "shutdown"
 
     # -- figures -------------------------------------------------------------------------
 
@@ -198,6 +206,10 @@ class Worker:
             interval_s=self.settings.heartbeat.interval_s,
             seq=self._seq,
             counters=JobCounters(**self.counters),
+            stats=self.stats.snapshot(),
+            stop_reason=self._stop_reason
+            if (state or self.state) is WorkerState.STOPPING
+            else None,
         )
 
     # -- life cycle ----------------------------------------------------------------------
@@ -319,9 +331,31 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat.interval_s
+        stuck_exit = self.settings.worker.stuck_exit_s
         while True:
             await asyncio.sleep(interval)
+            if stuck_exit is not None and self.oldest_job_age_s() > stuck_exit:
+                await self._exit_stuck(stuck_exit)
+                return
             await self._send_heartbeat()
+
+    async def _exit_stuck(self, limit_s: float) -> None:
+        """A job outlived ``worker.stuck_exit_s``: say so, then leave so the broker requeues.
+
+        A handler running in a thread cannot be cancelled, so the process is the unit of
+        recovery: exiting closes the connection and every job it held goes back to its queue.
+        """
+        log.error(
+            "worker %s: a job has run %.0fs (> worker.stuck_exit_s=%.0fs); exiting so its jobs "
+            "are requeued",
+            self.worker_id,
+            self.oldest_job_age_s(),
+            limit_s,
+        )
+        self._stop_reason = "stuck"
+        self.state = WorkerState.STOPPING
+        await self._send_heartbeat()
+        self.on_stuck()
 
     # -- jobs ----------------------------------------------------------------------------
 
@@ -386,6 +420,7 @@ class Worker:
             deadline=request.deadline,
             stream=request.stream,
             attempt=attempt,
+            sent_at=request.sent_at,
         )
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
@@ -393,71 +428,69 @@ class Worker:
         job_id = message.message_id or message.correlation_id or "?"
         started = time.monotonic()
         self._running[job_id] = started
+        failure: _Failure | None = None
+        result: Any = None
+        chunks = 0
         try:
             job = self._parse(message)
             model = job.model
-            if job.deadline is not None and job.remaining() is not None and job.remaining() <= 0:  # type: ignore[operator]
+            if job.sent_at is not None:
+                self.stats.job_started(model, time.time() - job.sent_at)
+            remaining = job.remaining()
+            if remaining is not None and remaining <= 0:
                 raise _Failure(
                     ErrorCode.EXPIRED,
                     DeadReason.EXPIRED,
                     "the producer's deadline passed before a worker could start the job",
                 )
             result, chunks = await self._run_handler(job, message)
-        except _Failure as failure:
-            counter = {
-                DeadReason.INVALID: "invalid",
-                DeadReason.EXPIRED: "expired",
-            }.get(failure.reason, "worker_error")
-            self.counters[counter] += 1
-            await self._fail(message, model, job_id, failure)
-            return
+        except _Failure as caught:
+            failure = caught
         except InvalidJobError as exc:
-            self.counters["invalid"] += 1
-            await self._fail(
-                message,
-                model,
-                job_id,
-                _Failure(ErrorCode.INVALID_JOB, DeadReason.INVALID, exc.message),
-            )
-            return
+            failure = _Failure(ErrorCode.INVALID_JOB, DeadReason.INVALID, exc.message)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self.counters["worker_error"] += 1
             log.exception("worker %s: handler failed on job %s (%s)", self.worker_id, job_id, model)
             text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            await self._fail(
-                message,
-                model,
-                job_id,
-                _Failure(ErrorCode.WORKER_ERROR, DeadReason.WORKER_ERROR, f"handler raised {text}"),
+            failure = _Failure(
+                ErrorCode.WORKER_ERROR, DeadReason.WORKER_ERROR, f"handler raised {text}"
             )
-            return
         finally:
             self._running.pop(job_id, None)
-        reply = ResultReply(
-            result=result,
-            worker_id=self.worker_id,
-            duration_s=time.monotonic() - started,
-            chunks=chunks,
-        )
-        try:
-            await self._reply(message, reply)
-        except (TypeError, ValueError) as exc:  # the handler returned something not JSON-able
-            self.counters["worker_error"] += 1
-            await self._fail(
-                message,
-                model,
-                job_id,
-                _Failure(
+        if failure is None:
+            reply = ResultReply(
+                result=result,
+                worker_id=self.worker_id,
+                duration_s=time.monotonic() - started,
+                chunks=chunks,
+            )
+            try:
+                await self._reply(message, reply)
+            except (TypeError, ValueError) as exc:  # the handler returned something not JSON-able
+                failure = _Failure(
                     ErrorCode.WORKER_ERROR,
                     DeadReason.WORKER_ERROR,
                     f"handler result is not JSON-serialisable: {exc}",
-                ),
-            )
+                )
+        self._account(model, failure, time.monotonic() - started)
+        if failure is not None:
+            await self._fail(message, model, job_id, failure)
             return
-        self.counters["ok"] += 1
         await self._settle(message)
+
+    def _account(self, model: str, failure: _Failure | None, duration_s: float) -> None:
+        """Count a finished job in the heartbeat's counters and per-model statistics."""
+        if failure is None:
+            counter, outcome = "ok", Outcome.OK
+        elif failure.reason == DeadReason.INVALID:
+            counter, outcome = "invalid", Outcome.INVALID
+        elif failure.code in (ErrorCode.EXPIRED, ErrorCode.WORKER_TIMEOUT):
+            counter, outcome = "expired", Outcome.TIMEOUT
+        else:
+            counter, outcome = "worker_error", Outcome.WORKER_ERROR
+        self.counters[counter] += 1
+        self.stats.job_done(model, outcome, duration_s)
 
     async def _run_handler(self, job: Job, message: AbstractIncomingMessage) -> tuple[Any, int]:
         """Run the handler; returns (result, chunks sent)."""
@@ -500,6 +533,9 @@ class Worker:
                 break
             if job.stream:
                 await self._reply(message, ChunkReply(seq=seq, data=item))
+                if seq == 0 and job.sent_at is not None:
+                    # Time to first chunk as the producer sees it: from publish, queue included.
+                    self.stats.first_chunk(job.model, time.time() - job.sent_at)
             else:
                 collected.append(item)
             seq += 1
@@ -603,3 +639,11 @@ class _ThreadIterator:
 
 def _iterate_in_thread(iterator: Iterator[Any]) -> _ThreadIterator:
     return _ThreadIterator(iterator)
+
+
+EXIT_STUCK = 75  # EX_TEMPFAIL: a supervisor should restart the worker
+
+
+def _exit_process() -> None:
+    logging.shutdown()
+    os._exit(EXIT_STUCK)

@@ -38,9 +38,10 @@ def write(path: Path, text: str) -> Path:
 def test_settings_toml_holds_every_default_and_nothing_else() -> None:
     in_file = tomllib.loads(SETTINGS_TOML.read_text())
     in_code = Settings().model_dump()
-    # routing.startup_listen_s defaults to None (= heartbeat.timeout_s); TOML has no null, so the
-    # file shows it commented out (checked below).
+    # Settings whose default is None (unset) cannot be written in TOML, which has no null: the
+    # file shows them commented out (checked below).
     assert in_code["routing"].pop("startup_listen_s") is None
+    assert in_code["worker"].pop("stuck_exit_s") is None
 
     assert in_file.keys() == in_code.keys()
     for key, default in in_code.items():
@@ -70,8 +71,8 @@ def test_settings_toml_comments_every_key() -> None:
             assert lines[i - 1].startswith("# "), f"no comment above {line!r}"
     assert (
         keys
-        == sum(len(v) if isinstance(v, dict) else 1 for v in Settings().model_dump().values()) - 1
-    )  # startup_listen_s is commented out
+        == sum(len(v) if isinstance(v, dict) else 1 for v in Settings().model_dump().values()) - 2
+    )  # startup_listen_s and stuck_exit_s are commented out
 
 
 def test_settings_toml_shows_startup_listen_commented_out() -> None:
