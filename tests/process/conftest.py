@@ -90,6 +90,14 @@ class Fleet:
         ) as r:
             return await r.json()
 
+    async def get_text(self, path: str) -> str:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        async with self._session.get(
+            self.status_url + path, timeout=aiohttp.ClientTimeout(total=2)
+        ) as response:
+            return await response.text()
+
     async def wait(self, path: str, check: Any, *, timeout: float = 20, what: str = "") -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
