@@ -281,7 +281,35 @@ class Controller:
             model = model.decode(errors="replace")
         known = model in self.routing or model in self.registry.model_names()
         label = model if isinstance(model, str) and known else "other"
-        self.metrics.dead_letters.labels(label, reason_label(dead_reason(headers))).inc()
+        reason = dead_reason(headers)
+        self.metrics.dead_letters.labels(label, reason_label(reason)).inc()
+        if reason == DeadReason.DELIVERY_LIMIT and message.reply_to and self._channel is not None:
+            # Nobody else can tell the producer: every worker that took the job died.
+            await self._reply_error(
+                message,
+                ErrorCode.WORKER_ERROR,
+                f"the job was delivered {self.settings.routing.delivery_limit + 1} times and "
+                f"every worker that took it died (routing.delivery_limit); it is kept in "
+                f"{self.names.errors}",
+                model=str(model),
+            )
+
+    async def _reply_error(
+        self, message: AbstractIncomingMessage, code: ErrorCode, text: str, *, model: str
+    ) -> None:
+        assert self._channel is not None
+        job_id = message.message_id or message.correlation_id or "?"
+        reply = ErrorReply.build(code, text, model=model, job_id=job_id)
+        with contextlib.suppress(Exception):
+            await self._channel.default_exchange.publish(
+                json_message(
+                    reply.model_dump_json().encode(),
+                    correlation_id=message.correlation_id or job_id,
+                    type="error",
+                ),
+                routing_key=message.reply_to or "",
+                mandatory=False,
+            )
 
     # -- sweeper and binder --------------------------------------------------------------
 
@@ -429,17 +457,7 @@ class Controller:
         job_id = message.message_id or message.correlation_id or "?"
         text = self._no_worker_text(model)
         if message.reply_to:
-            reply = ErrorReply.build(ErrorCode.NO_WORKER, text, model=model, job_id=job_id)
-            with contextlib.suppress(Exception):
-                await self._channel.default_exchange.publish(
-                    json_message(
-                        reply.model_dump_json().encode(),
-                        correlation_id=message.correlation_id or job_id,
-                        type="error",
-                    ),
-                    routing_key=message.reply_to,
-                    mandatory=False,
-                )
+            await self._reply_error(message, ErrorCode.NO_WORKER, text, model=model)
         headers: dict[str, Any] = dict(message.headers or {})
         headers.update(
             {REASON_HEADER: DeadReason.NO_WORKER, ERROR_HEADER: text, MODEL_HEADER: model}
