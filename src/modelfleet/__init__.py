@@ -13,6 +13,7 @@ from modelfleet.config import Settings, load_settings
 from modelfleet.errors import (
     BrokerError,
     ConfigError,
+    ConnectionLostError,
     ErrorCode,
     ExpiredError,
     InvalidJobError,
@@ -31,6 +32,7 @@ __all__ = [
     "BrokerError",
     "Client",
     "ConfigError",
+    "ConnectionLostError",
     "ErrorCode",
     "ExpiredError",
     "Final",

@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -39,6 +40,8 @@ from modelfleet.config import Settings
 from modelfleet.connections import connect
 from modelfleet.errors import (
     BrokerError,
+    ConnectionLostError,
+    ErrorCode,
     InvalidJobError,
     InvalidModelError,
     JobError,
@@ -61,6 +64,9 @@ __all__ = ["Client", "JobStream"]
 log = logging.getLogger(__name__)
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+# Pause between publish attempts while the connection is down (the robust connection retries
+# every amqp.reconnect_interval_s; this only decides how soon after it we notice).
+_REPUBLISH_PAUSE_S = 0.1
 
 _Reply = ResultReply | ChunkReply | ErrorReply
 
@@ -116,6 +122,7 @@ class Client:
             # Direct reply-to: consume the pseudo-queue (no-ack) on the channel we publish from.
             self._reply_queue = await self._channel.declare_queue(DIRECT_REPLY_TO, passive=True)
             await self._reply_queue.consume(self._on_reply, no_ack=True)
+            self._channel.close_callbacks.add(self._on_channel_closed)
         except Exception:
             await self.close()
             raise
@@ -130,6 +137,23 @@ class Client:
     def pending(self) -> int:
         """Jobs submitted and not yet answered."""
         return len(self._pending)
+
+    def _on_channel_closed(self, _sender: object, reason: object = None) -> None:
+        """The reply channel died (connection lost, broker restart): answers to the jobs still
+        pending can no longer reach us, so fail them now instead of at their deadline."""
+        if not self._pending:
+            return
+        cause = str(reason) or type(reason).__name__ if reason is not None else "closed"
+        for job_id, waiter in list(self._pending.items()):
+            waiter.put_nowait(
+                ErrorReply.build(
+                    ErrorCode.CONNECTION_LOST,
+                    f"the connection to RabbitMQ dropped before the answer came ({cause}); "
+                    "the job may still run: retry it if it is idempotent",
+                    model="",
+                    job_id=job_id,
+                )
+            )
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         waiter = self._pending.get(message.correlation_id or "")
@@ -183,12 +207,35 @@ class Client:
             timestamp=time.time(),
             type="job",
         )
+        last_error: BaseException | None = None
         try:
             async with asyncio.timeout(timeout):
-                # The jobs exchange has an alternate exchange: an unroutable job is caught there
-                # and answered with NO_WORKER, so `mandatory` is not needed.
-                await self._jobs.publish(message, routing_key=model, mandatory=False)
+                while True:
+                    try:
+                        # The jobs exchange has an alternate exchange: an unroutable job is caught
+                        # there and answered with NO_WORKER, so `mandatory` is not needed.
+                        await self._jobs.publish(message, routing_key=model, mandatory=False)
+                        return
+                    except aio_pika.exceptions.DeliveryError:
+                        raise
+                    except (
+                        aio_pika.exceptions.AMQPError,
+                        aiormq.exceptions.AMQPError,
+                        ConnectionError,
+                    ) as exc:
+                        # The channel is down (broker restart, network cut): the robust connection
+                        # is coming back; publish again once it has, within the caller's timeout.
+                        # A publish whose confirm was lost may run twice (at-least-once, same id).
+                        last_error = exc
+                        await asyncio.sleep(_REPUBLISH_PAUSE_S)
         except TimeoutError:
+            if last_error is not None:
+                raise ConnectionLostError(
+                    f"RabbitMQ stayed unreachable for the job's whole {timeout:g}s "
+                    f"({last_error or type(last_error).__name__}); the job was not sent",
+                    model=model,
+                    job_id=job_id,
+                ) from None
             raise JobTimeoutError(
                 f"the broker did not accept the job within {timeout:g}s (is RabbitMQ reachable?)",
                 model=model,
@@ -201,8 +248,6 @@ class Client:
                 model=model,
                 job_id=job_id,
             ) from exc
-        except (aio_pika.exceptions.AMQPError, ConnectionError) as exc:
-            raise BrokerError(f"job {job_id} for model {model!r} was not published: {exc}") from exc
 
     def _start(self, model: str, payload: Any, timeout: float | None, stream: bool) -> _Job:
         timeout = self.timeout if timeout is None else timeout

@@ -11,6 +11,7 @@ The hierarchy::
         ├── WorkerError        50001  the handler raised
         ├── OverloadedError    42903  the model's queue is full
         ├── ExpiredError       50007  the job's deadline passed while it waited
+        ├── ConnectionLostError 50008 the broker connection dropped before the answer came
         └── InvalidJobError    40001  the job could not be understood
             └── InvalidModelError 40301  the model name is not acceptable
 
@@ -25,6 +26,7 @@ from enum import IntEnum
 __all__ = [
     "BrokerError",
     "ConfigError",
+    "ConnectionLostError",
     "ErrorCode",
     "ExpiredError",
     "InvalidJobError",
@@ -47,6 +49,7 @@ class ErrorCode(IntEnum):
     NO_WORKER = 50005  # FastChat CONTROLLER_NO_WORKER
     WORKER_TIMEOUT = 50006  # FastChat CONTROLLER_WORKER_TIMEOUT
     EXPIRED = 50007  # modelfleet: deadline passed in the queue (FastChat has no such state)
+    CONNECTION_LOST = 50008  # modelfleet: the reply path died with the producer's connection
 
 
 class ModelfleetError(Exception):
@@ -105,6 +108,13 @@ class ExpiredError(JobError):
     code = ErrorCode.EXPIRED
 
 
+class ConnectionLostError(JobError):
+    """The producer's connection to RabbitMQ dropped while it waited: the answer cannot arrive
+    (direct reply-to is tied to the channel). The job may still run; retry if it is idempotent."""
+
+    code = ErrorCode.CONNECTION_LOST
+
+
 class InvalidJobError(JobError):
     code = ErrorCode.INVALID_JOB
 
@@ -121,6 +131,7 @@ _BY_CODE: dict[int, type[JobError]] = {
         WorkerError,
         OverloadedError,
         ExpiredError,
+        ConnectionLostError,
         InvalidJobError,
         InvalidModelError,
     )

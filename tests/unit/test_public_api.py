@@ -10,6 +10,7 @@ PUBLIC = [
     "BrokerError",
     "Client",
     "ConfigError",
+    "ConnectionLostError",
     "ErrorCode",
     "ExpiredError",
     "Final",
