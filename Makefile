@@ -1,6 +1,7 @@
 # modelfleet developer tasks.  Run `make` (or `make help`) for the list.
 #
 # Overridable:  PYTHON=python3.12 make venv     PYTEST_ARGS='-k routing -x' make test
+#               BENCH_ARGS='--quick --json /tmp/bench.json' make bench
 
 SHELL       := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -9,11 +10,12 @@ SHELL       := bash
 PYTHON      ?= python3
 VENV        ?= .venv
 PYTEST_ARGS ?=
+BENCH_ARGS  ?=
 
 VPY   := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv broker prometheus test demo lint fmt typecheck check clean distclean
+.PHONY: help venv broker prometheus test chaos demo bench lint fmt typecheck check clean distclean
 
 help: ## Show this list of targets
 	@echo "Usage: make <target> [PYTHON=python3] [PYTEST_ARGS='...']"
@@ -41,8 +43,14 @@ prometheus: ## Make sure promtool + prometheus (Debian's package) are installed 
 test: venv broker prometheus ## Run the test suite (PYTEST_ARGS=... passed to pytest)
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
+chaos: venv broker ## Long chaos soak: 5,000 jobs through kills, stops, restarts (CHAOS_JOBS=N)
+	$(VPY) -m tests.chaos.soak --jobs $${CHAOS_JOBS:-5000}
+
 demo: venv broker ## Run the local demo (modelfleet demo)
 	$(VENV)/bin/modelfleet demo
+
+bench: venv broker ## Benchmark vs its floors (BENCH_ARGS=--quick for the short mode; bench/README.md)
+	$(VPY) -m bench.run $(BENCH_ARGS)
 
 lint: venv ## ruff check + ruff format --check
 	@rc=0; \

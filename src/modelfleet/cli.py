@@ -2,10 +2,14 @@
 
     modelfleet controller
     modelfleet worker --model NAME [--model NAME ...] --handler MODULE:ATTR [--concurrency N]
+    modelfleet worker --model NAME --upstream URL     (an OpenAI-compatible server as a worker)
+    modelfleet gateway [--host H] [--port P] [--controller-url URL]   (the OpenAI API)
     modelfleet submit --model NAME [--stream] [--timeout S] [PAYLOAD_JSON | -]
     modelfleet status [--json] [--watch] [--url URL]
     modelfleet loadgen --model NAME [--rate R] [--duration S]
     modelfleet demo
+    modelfleet errors list|show|replay|purge ...   (the error queue; see `errors --help`)
+    modelfleet permissions [--apply] [--vhost V] [--prefix P]
 
 Every command takes ``--config FILE``. Exit codes: 0 success, 1 the job failed (its error is
 printed to stderr as one JSON line with its numeric code), 2 bad usage or configuration,
@@ -29,6 +33,8 @@ from typing import Any
 from modelfleet import __version__
 from modelfleet.config import Settings, load_settings
 from modelfleet.errors import BrokerError, ConfigError, JobError
+from modelfleet.errors_admin import add_errors_parser
+from modelfleet.permissions import add_permissions_parser
 
 __all__ = ["main"]
 
@@ -84,6 +90,18 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--worker-id", metavar="ID", help="identity in the registry (default: host-pid-random)"
     )
+    worker.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="forward jobs to this OpenAI-compatible server instead of a handler "
+        "(e.g. http://127.0.0.1:8000/v1; see modelfleet.upstream)",
+    )
+    worker.add_argument(
+        "--upstream-model", metavar="NAME", help="model name the upstream expects (default: same)"
+    )
+    worker.add_argument(
+        "--upstream-api-key", metavar="KEY", help="Bearer key for the upstream ($OPENAI_API_KEY)"
+    )
 
     submit = commands.add_parser(
         "submit", parents=[common], help="send one job and print its answer"
@@ -137,6 +155,18 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--jobs", type=int, default=200, metavar="N", help="jobs in the burst (default 200)"
     )
+    gateway = commands.add_parser(
+        "gateway", parents=[common], help="serve the OpenAI API (chat, completions, embeddings)"
+    )
+    gateway.add_argument("--host", metavar="H", help="interface (default: gateway.host)")
+    gateway.add_argument("--port", type=int, metavar="P", help="TCP port (default: gateway.port)")
+    gateway.add_argument(
+        "--controller-url",
+        metavar="URL",
+        help="controller status API, for /v1/models (default: http.host:http.port)",
+    )
+    add_errors_parser(commands, common)
+    add_permissions_parser(commands, common)
     return parser
 
 
@@ -191,6 +221,8 @@ async def _run_controller(settings: Settings) -> int:
 async def _run_worker(settings: Settings, args: argparse.Namespace) -> int:
     from modelfleet.worker import Worker
 
+    if args.upstream is not None:
+        return await _run_upstream_worker(settings, args)
     handler = _load_handler(args.handler)
     if args.concurrency is not None and args.concurrency < 1:
         raise UsageError("--concurrency must be at least 1")
@@ -205,6 +237,31 @@ async def _run_worker(settings: Settings, args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     await worker.run()
+    return EXIT_OK
+
+
+async def _run_upstream_worker(settings: Settings, args: argparse.Namespace) -> int:
+    import os
+
+    from modelfleet.upstream import check_upstream_url, run_upstream_worker
+
+    if args.handler != "modelfleet.handlers:echo":
+        raise UsageError("--upstream and --handler exclude each other")
+    if args.concurrency is not None and args.concurrency < 1:
+        raise UsageError("--concurrency must be at least 1")
+    try:
+        check_upstream_url(args.upstream)
+        await run_upstream_worker(
+            settings,
+            args.model,
+            args.upstream,
+            upstream_model=args.upstream_model,
+            api_key=args.upstream_api_key or os.environ.get("OPENAI_API_KEY"),
+            concurrency=args.concurrency,
+            worker_id=args.worker_id,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return EXIT_OK
 
 
@@ -326,6 +383,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_run_controller(settings))
         if args.command == "worker":
             return asyncio.run(_run_worker(settings, args))
+        if args.command == "gateway":
+            from modelfleet.gateway import run_gateway
+
+            if args.port is not None and not 0 <= args.port <= 65535:
+                raise UsageError("--port must be in 0..65535")
+            return asyncio.run(
+                run_gateway(
+                    settings, host=args.host, port=args.port, controller_url=args.controller_url
+                )
+            )
         if args.command == "submit":
             return asyncio.run(_run_submit(settings, args))
         if args.command == "status":
@@ -351,6 +418,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from modelfleet.demo import run_demo
 
             return asyncio.run(run_demo(settings, jobs=args.jobs))
+        if args.command == "errors":
+            from modelfleet.errors_admin import run_errors
+
+            return asyncio.run(run_errors(settings, args))
+        if args.command == "permissions":
+            from modelfleet.permissions import run_permissions
+
+            return run_permissions(settings, args)
     except UsageError as exc:
         print(f"modelfleet: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -11,6 +11,11 @@ One connection and one channel carry any number of concurrent jobs: replies come
 RabbitMQ's direct reply-to (no queue per request, no lock per request) and are matched by
 correlation id. Every job carries its deadline as the message's expiration, so a job whose
 producer gave up is never run later.
+
+A job abandoned before its answer — :meth:`Client.cancel`, a ``submit`` task cancelled, a
+:class:`JobStream` closed (``async with``, :meth:`JobStream.aclose`) or broken out of — is
+cancelled on the workers too (see :mod:`modelfleet.cancel`): not started if still queued, its
+handler stopped if running.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 
+from modelfleet.cancel import CancelPublisher
 from modelfleet.config import Settings
 from modelfleet.connections import connect
 from modelfleet.errors import (
@@ -57,6 +63,7 @@ from modelfleet.messages import (
     check_model_name,
     parse_reply,
 )
+from modelfleet.security import declare_where_allowed
 from modelfleet.topology import DEADLINE_HEADER, Names, Topology, json_message
 
 __all__ = ["Client", "JobStream"]
@@ -98,6 +105,7 @@ class Client:
         self._jobs: AbstractExchange | None = None
         self._reply_queue: AbstractQueue | None = None
         self._pending: dict[str, asyncio.Queue[_Reply]] = {}
+        self._canceller: CancelPublisher | None = None
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -118,16 +126,23 @@ class Client:
         try:
             self._channel = await self._connection.channel(publisher_confirms=True)
             topology = Topology(self.names, self.settings.routing, self.settings.heartbeat)
-            self._jobs = await topology.declare_jobs(self._channel)
+            # A least-privilege producer may not declare: it then only looks the exchange up.
+            self._jobs = await declare_where_allowed(
+                self._connection, self._channel, topology.declare_jobs, required=[self.names.jobs]
+            ) or await self._channel.get_exchange(self.names.jobs)
             # Direct reply-to: consume the pseudo-queue (no-ack) on the channel we publish from.
             self._reply_queue = await self._channel.declare_queue(DIRECT_REPLY_TO, passive=True)
             await self._reply_queue.consume(self._on_reply, no_ack=True)
+            self._canceller = await CancelPublisher.open(self._connection, topology)
             self._channel.close_callbacks.add(self._on_channel_closed)
         except Exception:
             await self.close()
             raise
 
     async def close(self) -> None:
+        canceller, self._canceller = self._canceller, None
+        if canceller is not None:
+            await canceller.aclose()  # the last cancels go out first
         connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(Exception):
@@ -221,6 +236,8 @@ class Client:
                     except (
                         aio_pika.exceptions.AMQPError,
                         aiormq.exceptions.AMQPError,
+                        # "channel closed" while the robust channel reopens (a RuntimeError)
+                        aiormq.exceptions.ChannelInvalidStateError,
                         ConnectionError,
                     ) as exc:
                         # The channel is down (broker restart, network cut): the robust connection
@@ -282,6 +299,27 @@ class Client:
         ``stream.result`` after the loop. Use as ``async with`` to release it early."""
         return JobStream(self._start(model, payload, timeout, stream=True))
 
+    async def cancel(self, job_id: str) -> None:
+        """Cancel a job: a worker that has not started it skips it, one running it stops its
+        handler (coroutine and async-generator handlers; a thread runs to its end). Whoever
+        awaits the job here gets :class:`~modelfleet.errors.JobCancelledError`. Best effort: a
+        job that already finished is not affected."""
+        waiter = self._pending.get(job_id)
+        if waiter is not None:
+            waiter.put_nowait(
+                ErrorReply.build(
+                    ErrorCode.CANCELLED, "cancelled by the producer", model="", job_id=job_id
+                )
+            )
+        if self._canceller is not None:
+            await self._canceller.publish(job_id)
+
+    def _abandoned(self, job: _Job) -> None:
+        """``job`` was published and left before its answer: cancel it on the workers."""
+        if self._canceller is not None:
+            remaining = job.deadline - time.monotonic()
+            self._canceller.send(job.job_id, time.time() + max(remaining, 0.0))
+
 
 class _Job:
     """One submitted job's bookkeeping (internal)."""
@@ -303,8 +341,11 @@ class _Job:
         self.timeout = timeout
         self.deadline = deadline
         self.replies = replies
+        self.published = False  # (maybe) sent: a publish may be cancelled after the broker took it
+        self.answered = False  # a final answer (result or error) came
 
     async def publish(self) -> None:
+        self.published = True
         await self.client._publish(self.model, self.job_id, self.body, self.timeout)
 
     async def next_reply(self) -> ResultReply | ChunkReply:
@@ -319,11 +360,17 @@ class _Job:
                 job_id=self.job_id,
             ) from None
         if isinstance(reply, ErrorReply):
+            self.answered = True
             raise error_for_code(reply.code, reply.message, model=self.model, job_id=self.job_id)
+        if isinstance(reply, ResultReply):
+            self.answered = True
         return reply
 
     def finish(self) -> None:
-        self.client._pending.pop(self.job_id, None)
+        if self.client._pending.pop(self.job_id, None) is None:
+            return  # finished already
+        if self.published and not self.answered:
+            self.client._abandoned(self)
 
 
 class JobStream:
@@ -371,6 +418,10 @@ class JobStream:
                 yield reply.data
         finally:
             self._job.finish()
+
+    async def aclose(self) -> None:
+        """Leave the stream now; a job not finished yet is cancelled on its worker."""
+        self._job.finish()
 
     async def collect(self) -> list[Any]:
         """All chunks, in order (the final result is then in ``result``)."""

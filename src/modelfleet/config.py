@@ -38,10 +38,12 @@ from modelfleet.errors import ConfigError
 __all__ = [
     "AmqpSettings",
     "ClientSettings",
+    "GatewaySettings",
     "HeartbeatSettings",
     "HttpSettings",
     "MetricsSettings",
     "RoutingSettings",
+    "SecuritySettings",
     "Settings",
     "WorkerSettings",
     "load_settings",
@@ -70,6 +72,24 @@ class AmqpSettings(_Section):
     connect_timeout_s: float = Field(10.0, gt=0)
     # Pause between reconnection attempts of a robust connection.
     reconnect_interval_s: float = Field(1.0, gt=0)
+    # TLS (amqps:// URLs only; "" = unset): CA bundle that signed the broker's certificate
+    # (default: the system's CAs), and a client certificate and key for mutual TLS.
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _file_exists(cls, value: str) -> str:
+        if value and not Path(value).is_file():
+            raise ValueError("no such file")
+        return value
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> AmqpSettings:
+        if self.key_file and not self.cert_file:
+            raise ValueError("amqp.key_file is set without amqp.cert_file")
+        return self
 
     @field_validator("url")
     @classmethod
@@ -165,6 +185,49 @@ class MetricsSettings(_Section):
     max_worker_series: int = Field(200, ge=0)
 
 
+class SecuritySettings(_Section):
+    # AMQP users whose heartbeats the controller accepts (the broker checks each heartbeat's
+    # user_id against its connection's user); empty = accept heartbeats from any user.
+    heartbeat_users: list[str] = Field(default_factory=list)
+
+    @field_validator("heartbeat_users", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        # MODELFLEET_SECURITY__HEARTBEAT_USERS=a,b as well as a TOML/JSON list.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def __hash__(self) -> int:
+        # Frozen settings stay hashable although a list (TOML's type) is not.
+        return hash((type(self), tuple(self.heartbeat_users)))
+
+
+class GatewaySettings(_Section):
+    # Interface of the OpenAI-compatible gateway (`modelfleet gateway`).
+    host: str = "127.0.0.1"
+    # Its TCP port; 0 picks a free port.
+    port: int = Field(8000, ge=0, le=65535)
+    # Bearer API keys it accepts; empty = no authentication. Keep them out of settings.toml:
+    # config/.secrets.toml or MODELFLEET_GATEWAY__API_KEYS=key1,key2.
+    api_keys: list[str] = Field(default_factory=list)
+    # A request with a larger body is refused with 413.
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    # Deadline of each request's job, from publish to last chunk (504 after it).
+    timeout_s: float = Field(300.0, gt=0)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        # MODELFLEET_GATEWAY__API_KEYS=a,b as well as a TOML/JSON list.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.host, self.port, tuple(self.api_keys)))
+
+
 class Settings(_Section):
     """All of modelfleet's settings, frozen. Build with :func:`load_settings`."""
 
@@ -178,6 +241,8 @@ class Settings(_Section):
     client: ClientSettings = ClientSettings()
     http: HttpSettings = HttpSettings()
     metrics: MetricsSettings = MetricsSettings()
+    security: SecuritySettings = SecuritySettings()
+    gateway: GatewaySettings = GatewaySettings()
 
     @field_validator("namespace")
     @classmethod
@@ -287,7 +352,16 @@ def load_settings(config_file: str | os.PathLike[str] | None = None) -> Settings
     # dynaconf echoes its own `load_dotenv` option back as a setting; it is not one of ours.
     # MODELFLEET_CONFIG / _SECRETS_FILE pick files and MODELFLEET_TEST_AMQP_URL picks the test
     # broker: they share our prefix but are not settings.
-    not_settings = ("config", "secrets_file", "load_dotenv", "test_amqp_url")
+    # MODELFLEET_PASSWORD_* are read by `modelfleet permissions` only.
+    not_settings = (
+        "config",
+        "secrets_file",
+        "load_dotenv",
+        "test_amqp_url",
+        "password_controller",
+        "password_worker",
+        "password_producer",
+    )
     data = {k: v for k, v in _lower_keys(data).items() if k not in not_settings}
     _resolve_aliases(data)
     return settings_from_mapping(data)

@@ -9,12 +9,13 @@ import socket
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aio_pika
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 
 from modelfleet.config import AmqpSettings
-from modelfleet.errors import BrokerError
+from modelfleet.errors import BrokerError, ConfigError
+from modelfleet.security import ssl_context
 
-__all__ = ["connect", "redact"]
+__all__ = ["connect", "connect_plain", "redact"]
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,28 @@ async def connect(
     target = url or amqp.url
     name = f"modelfleet-{role}@{socket.gethostname()}:{os.getpid()}"
     try:
+        # amqps://: TLS with amqp.ca_file / cert_file / key_file (modelfleet.security).
+        context = ssl_context(amqp, target)
         return await asyncio.wait_for(
-            aio_pika.connect_robust(_with_params(target, amqp, name)),
+            aio_pika.connect_robust(_with_params(target, amqp, name), ssl_context=context),
             timeout=amqp.connect_timeout_s,
         )
-    except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+    except (TimeoutError, OSError, aio_pika.exceptions.AMQPError, ConfigError) as exc:
         reason = str(exc) or type(exc).__name__
         raise BrokerError(f"cannot connect to RabbitMQ at {redact(target)}: {reason}") from exc
+
+
+async def connect_plain(amqp: AmqpSettings, *, role: str) -> AbstractConnection:
+    """A plain (not robust) connection, same parameters and TLS: for short command-line tools,
+    where a lost connection should end the command (and the broker then requeues whatever it
+    had delivered) rather than be silently resumed."""
+    name = f"modelfleet-{role}@{socket.gethostname()}:{os.getpid()}"
+    try:
+        context = ssl_context(amqp, amqp.url)
+        return await asyncio.wait_for(
+            aio_pika.connect(_with_params(amqp.url, amqp, name), ssl_context=context),
+            timeout=amqp.connect_timeout_s,
+        )
+    except (TimeoutError, OSError, aio_pika.exceptions.AMQPError, ConfigError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise BrokerError(f"cannot connect to RabbitMQ at {redact(amqp.url)}: {reason}") from exc

@@ -52,6 +52,7 @@ from modelfleet.messages import ErrorReply, Heartbeat
 from modelfleet.metrics import ControllerMetrics, ModelFigures, WorkerFigures, reason_label
 from modelfleet.registry import EvictionReason, Observation, Registry
 from modelfleet.routing import ActionKind, RoutingTable
+from modelfleet.security import heartbeat_sender_allowed
 from modelfleet.stats import FleetStats
 from modelfleet.topology import (
     DEADLINE_HEADER,
@@ -124,6 +125,7 @@ class Controller:
         self._stop = asyncio.Event()
         self._rounds = 0
         self._kick_pending = False
+        self._kick_again = False
         self.metrics.attach(self)
 
     # -- timing --------------------------------------------------------------------------
@@ -245,12 +247,19 @@ class Controller:
             where = ".".join(str(p) for p in first["loc"])
             self._drop(cause, f"{where}: {first['msg']}"[:300])
             return None
-        observation = self.registry.observe(hb, now=self.clock(), wall_now=time.time())
+        if not self._admit_models(hb.models):
+            observation = Observation.REFUSED
+        else:
+            observation = self.registry.observe(hb, now=self.clock(), wall_now=time.time())
         if observation is Observation.REFUSED:
             self._drop("models_cap", f"worker {hb.worker_id} would exceed routing.max_models")
             return observation
         self.metrics.heartbeats.inc()
-        self.metrics.heartbeat_lag.observe(max(0.0, time.time() - hb.sent_at))
+        lag = time.time() - hb.sent_at
+        # sent_at is the worker's wall clock: a heartbeat never waits longer than queue_ttl_s in
+        # our queue, so a larger "lag" is a skewed or forged clock and would poison the histogram.
+        if lag <= self.settings.heartbeat.queue_ttl_s:
+            self.metrics.heartbeat_lag.observe(max(0.0, lag))
         if observation is not Observation.IGNORED:
             self.fleet_stats.update(hb.worker_id, hb.stats)
         if observation is Observation.ADDED:
@@ -271,7 +280,29 @@ class Controller:
             self._kick()
         return observation
 
+    def _admit_models(self, models: tuple[str, ...]) -> bool:
+        """Keep every model the controller remembers (registry and routing table) under
+        ``routing.max_models``: models that come and go cannot add queues and series without
+        bound. Room is made by forgetting unbound, workerless models, the longest unbound first."""
+        if all(model in self.routing or self.registry.serves(model) for model in models):
+            return True  # the common case, in O(models) rather than O(fleet)
+        known = self.routing.known() | self.registry.model_names()
+        new = set(models) - known
+        excess = len(known) + len(new) - self.settings.routing.max_models
+        if not new or excess <= 0:
+            return True
+        freed = self.routing.forget_oldest_unrouted(excess, keep=self.registry.model_names())
+        for model in freed:
+            self._queue_counts.pop(model, None)
+        return len(freed) >= excess
+
     async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
+        # user_id is checked by the broker (it must be the sender's own user): only the users in
+        # security.heartbeat_users (when set) may announce workers.
+        if not heartbeat_sender_allowed(message.user_id, self.settings.security.heartbeat_users):
+            sender = "no user_id" if message.user_id is None else f"user {message.user_id!r}"
+            self._drop("user", f"heartbeat from {sender[:120]}, not in security.heartbeat_users")
+            return
         self.handle_heartbeat(message.body)
 
     async def _on_dead_letter(self, message: AbstractIncomingMessage) -> None:
@@ -314,8 +345,14 @@ class Controller:
     # -- sweeper and binder --------------------------------------------------------------
 
     def _kick(self) -> None:
-        # One pending routing round at a time: a burst of joining workers needs one, not many.
-        if self._channel is None or self._stop.is_set() or self._kick_pending:
+        """Run a routing round now (a worker joined or left), not at the next sweep.
+
+        One round at a time: kicks that arrive while a round runs ask for exactly one more, so a
+        burst of joining workers costs a couple of rounds, not one per worker."""
+        if self._channel is None or self._stop.is_set():
+            return
+        if self._kick_pending:
+            self._kick_again = True
             return
         self._kick_pending = True
         task = asyncio.create_task(self._kicked_routing())
@@ -323,11 +360,17 @@ class Controller:
         task.add_done_callback(self._forget_task)
 
     async def _kicked_routing(self) -> None:
-        self._kick_pending = False
         try:
-            await self._apply_routing()
-        except Exception:
-            log.exception("routing round failed; the sweeper retries")
+            while True:
+                self._kick_again = False
+                try:
+                    await self._apply_routing()
+                except Exception:
+                    log.exception("routing round failed; the sweeper retries")
+                if not self._kick_again or self._stop.is_set():
+                    return
+        finally:
+            self._kick_pending = False
 
     def _forget_task(self, task: asyncio.Task[None]) -> None:
         if task in self._tasks:

@@ -12,6 +12,7 @@ The hierarchy::
         ├── OverloadedError    42903  the model's queue is full
         ├── ExpiredError       50007  the job's deadline passed while it waited
         ├── ConnectionLostError 50008 the broker connection dropped before the answer came
+        ├── JobCancelledError  49900  the producer cancelled the job (Client.cancel)
         └── InvalidJobError    40001  the job could not be understood
             └── InvalidModelError 40301  the model name is not acceptable
 
@@ -31,6 +32,7 @@ __all__ = [
     "ExpiredError",
     "InvalidJobError",
     "InvalidModelError",
+    "JobCancelledError",
     "JobError",
     "JobTimeoutError",
     "ModelfleetError",
@@ -50,6 +52,7 @@ class ErrorCode(IntEnum):
     WORKER_TIMEOUT = 50006  # FastChat CONTROLLER_WORKER_TIMEOUT
     EXPIRED = 50007  # modelfleet: deadline passed in the queue (FastChat has no such state)
     CONNECTION_LOST = 50008  # modelfleet: the reply path died with the producer's connection
+    CANCELLED = 49900  # modelfleet: the producer cancelled the job (like nginx's 499)
 
 
 class ModelfleetError(Exception):
@@ -115,6 +118,12 @@ class ConnectionLostError(JobError):
     code = ErrorCode.CONNECTION_LOST
 
 
+class JobCancelledError(JobError):
+    """The producer cancelled the job (:meth:`Client.cancel`) before its answer came."""
+
+    code = ErrorCode.CANCELLED
+
+
 class InvalidJobError(JobError):
     code = ErrorCode.INVALID_JOB
 
@@ -132,6 +141,7 @@ _BY_CODE: dict[int, type[JobError]] = {
         OverloadedError,
         ExpiredError,
         ConnectionLostError,
+        JobCancelledError,
         InvalidJobError,
         InvalidModelError,
     )

@@ -3,7 +3,9 @@
 * ``modelfleet.handlers:echo`` returns the payload.
 * ``modelfleet.handlers:fake_llm`` streams the words of ``payload["prompt"]`` as chunks
   ``{"text": " word"}``, sleeping ``payload.get("delay", 0)`` seconds before each, and ends with
-  the whole text as its result ``{"text": ..., "words": n}``.
+  the whole text as its result ``{"text": ..., "words": n}``. A payload with an ``"endpoint"``
+  (``chat.completions``, ``completions``, ``embeddings``: what the OpenAI gateway sends) is
+  answered in OpenAI's shapes instead (:func:`modelfleet.openai_shapes.fake_openai`).
 * ``modelfleet.handlers:fail`` raises, to see WORKER_ERROR end to end.
 """
 
@@ -15,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from modelfleet.jobs import Final, Job
+from modelfleet.openai_shapes import fake_openai
 
 __all__ = ["echo", "fail", "fake_llm"]
 
@@ -27,6 +30,10 @@ async def echo(job: Job) -> Any:
 async def fake_llm(job: Job) -> AsyncIterator[Any]:
     """Stream the prompt back word by word, like a (very predictable) LLM."""
     payload = job.payload
+    if isinstance(payload, dict) and "endpoint" in payload:
+        async for item in fake_openai(job):  # an OpenAI request, from the gateway
+            yield item
+        return
     if not isinstance(payload, dict) or not isinstance(payload.get("prompt"), str):
         raise job.invalid("fake_llm needs a payload object with a 'prompt' string")
     delay = payload.get("delay", 0)

@@ -55,7 +55,7 @@ def check_model_name(name: object) -> str:
         raise ValueError("model name is empty")
     if len(name) > MODEL_NAME_MAX:
         raise ValueError(f"model name is longer than {MODEL_NAME_MAX} characters")
-    if not _MODEL_RE.match(name):
+    if not _MODEL_RE.fullmatch(name):  # not match: '$' also matches before a final '\n'
         raise ValueError(
             f"model name {name!r} may hold only ASCII letters, digits and _ - : / "
             "and single dots between them"
@@ -84,6 +84,8 @@ class JobCounters(_Message):
     invalid: int = Field(0, ge=0)
     expired: int = Field(0, ge=0)
     requeued: int = Field(0, ge=0)
+    # Jobs the producer cancelled (modelfleet.cancel): skipped before they started, or stopped.
+    cancelled: int = Field(0, ge=0)
 
 
 class Heartbeat(_Message):
@@ -96,7 +98,7 @@ class Heartbeat(_Message):
     in_flight: int = Field(0, ge=0, le=100_000)
     # Age of the oldest running job: a hung handler shows here even while heartbeats flow.
     oldest_job_age_s: float = Field(0.0, ge=0, allow_inf_nan=False)
-    stuck_jobs: int = Field(0, ge=0)
+    stuck_jobs: int = Field(0, ge=0, le=100_000)  # exported as a float: bounded
     state: WorkerState = WorkerState.READY
     speed: float = Field(1.0, gt=0, allow_inf_nan=False)
     host: str = Field("", max_length=_SHORT)

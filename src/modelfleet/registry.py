@@ -12,6 +12,7 @@ ones after a restart. It answers three questions — who is alive, what does eac
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -102,7 +103,35 @@ class Registry:
 
     def __init__(self, *, max_models: int = 1_000) -> None:
         self._workers: dict[str, WorkerInfo] = {}
+        # Workers per model, kept with every change: the models cap and model lookups cost
+        # O(models of one heartbeat), not O(fleet) (10,000 workers register in about a second).
+        self._model_workers: Counter[str] = Counter()
         self._max_models = max_models
+
+    def _store(self, info: WorkerInfo) -> None:
+        previous = self._workers.get(info.worker_id)
+        self._workers[info.worker_id] = info
+        if previous is not None and previous.models == info.models:
+            return  # the usual heartbeat: nothing to recount
+        if previous is not None:
+            self._uncount(previous.models)
+        self._model_workers.update(info.models)
+
+    def _uncount(self, models: tuple[str, ...]) -> None:
+        for model in models:
+            self._model_workers[model] -= 1
+            if self._model_workers[model] <= 0:
+                del self._model_workers[model]
+
+    def _delete(self, worker_id: str) -> WorkerInfo | None:
+        info = self._workers.pop(worker_id, None)
+        if info is not None:
+            self._uncount(info.models)
+        return info
+
+    def serves(self, model: str) -> bool:
+        """Whether any registered worker (ready or not) announced ``model``."""
+        return self._model_workers.get(model, 0) > 0
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -122,19 +151,20 @@ class Registry:
         if hb.state is WorkerState.STOPPING:
             if previous is None:
                 return Observation.IGNORED
-            del self._workers[hb.worker_id]
+            self._delete(hb.worker_id)
             return Observation.REMOVED
         if previous is not None and hb.seq < previous.seq:
             return Observation.IGNORED
         if previous is None or set(hb.models) - set(previous.models):
             # The worker's own previous models are replaced, not added to: leave them out.
-            known = {
-                m for w in self._workers.values() if w.worker_id != hb.worker_id for m in w.models
-            }
-            if len(known | set(hb.models)) > self._max_models:
+            own = set(previous.models) if previous is not None else set()
+            counts = self._model_workers
+            others = len(counts) - sum(1 for m in own if counts[m] == 1)
+            new = sum(1 for m in set(hb.models) if counts.get(m, 0) - (m in own) <= 0)
+            if others + new > self._max_models:
                 return Observation.REFUSED
         lag = 0.0 if wall_now is None else max(0.0, wall_now - hb.sent_at)
-        self._workers[hb.worker_id] = WorkerInfo(
+        info = WorkerInfo(
             worker_id=hb.worker_id,
             models=hb.models,
             concurrency=hb.concurrency,
@@ -153,10 +183,11 @@ class Registry:
             counters=hb.counters,
             lag_s=lag,
         )
+        self._store(info)
         return Observation.ADDED if previous is None else Observation.UPDATED
 
     def remove(self, worker_id: str) -> WorkerInfo | None:
-        return self._workers.pop(worker_id, None)
+        return self._delete(worker_id)
 
     def silent(self, *, now: float, timeout_s: float) -> list[WorkerInfo]:
         """Workers whose last heartbeat is older than ``timeout_s``."""
@@ -188,11 +219,11 @@ class Registry:
         if not evict:
             return SweepResult(silent=ids)
         for worker in silent:
-            del self._workers[worker.worker_id]
+            self._delete(worker.worker_id)
         return SweepResult(evicted=tuple(sorted(silent, key=lambda w: w.worker_id)), silent=ids)
 
     def model_names(self) -> set[str]:
-        return {m for w in self._workers.values() for m in w.models}
+        return set(self._model_workers)
 
     def live_models(self) -> set[str]:
         """Models with at least one worker taking jobs."""

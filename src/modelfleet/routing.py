@@ -102,6 +102,19 @@ class RoutingTable:
         """Unbound models without a live worker: their queues are drained with NO_WORKER."""
         return sorted(m for m, r in self._routes.items() if r.bound is False and m not in live)
 
+    def forget_oldest_unrouted(self, count: int, *, keep: set[str]) -> list[str]:
+        """Forget up to ``count`` unbound models not in ``keep``, longest unbound first (to make
+        room under the models cap); returns the forgotten."""
+        candidates = sorted(
+            (r.unbound_at or 0.0, m)
+            for m, r in self._routes.items()
+            if r.bound is False and m not in keep
+        )
+        forgotten = [m for _, m in candidates[:count]]
+        for model in forgotten:
+            del self._routes[model]
+        return forgotten
+
     def forget_stale(self, *, now: float, live: set[str]) -> list[str]:
         """Drop models unbound and workerless for ``forget_after_s``; returns the dropped."""
         stale = [

@@ -16,6 +16,7 @@ import bisect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,6 +36,13 @@ DURATION_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 
 
+# Counts arrive in heartbeats from other processes: never negative (a fleet counter must only go
+# up), and small enough that summing them as floats cannot overflow (2**53 is exact as a float).
+Count = Annotated[int, Field(ge=0, le=2**53)]
+# A longer observation (a skewed or forged clock) is recorded as this, so sums stay finite.
+MAX_OBSERVATION_S = 1e9
+
+
 class Outcome(StrEnum):
     OK = "ok"
     WORKER_ERROR = "worker_error"
@@ -48,7 +56,7 @@ class HistogramData(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    counts: tuple[int, ...] = Field(default=(0,) * (len(DURATION_BUCKETS) + 1))
+    counts: tuple[Count, ...] = Field(default=(0,) * (len(DURATION_BUCKETS) + 1))
     sum: float = Field(0.0, ge=0, allow_inf_nan=False)
 
     def valid(self) -> bool:
@@ -60,7 +68,7 @@ class ModelStats(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    jobs: dict[Outcome, int] = Field(default_factory=dict)
+    jobs: dict[Outcome, Count] = Field(default_factory=dict)
     duration: HistogramData = HistogramData()
     queue_wait: HistogramData = HistogramData()
     first_chunk: HistogramData = HistogramData()
@@ -72,7 +80,7 @@ class _Histogram:
     total: float = 0.0
 
     def observe(self, value: float) -> None:
-        value = max(0.0, value)
+        value = min(max(0.0, value), MAX_OBSERVATION_S)
         self.counts[bisect.bisect_left(DURATION_BUCKETS, value)] += 1
         self.total += value
 
@@ -170,6 +178,12 @@ class FleetStats:
                 self.models[model] = FleetModel()
             total = self.models[model]
             before = previous.get(model)
+            if before is now or (
+                before is not None
+                and before.jobs == now.jobs
+                and all(getattr(before, h).counts == getattr(now, h).counts for h in _HISTOGRAMS)
+            ):
+                continue  # an idle worker: nothing new since its last heartbeat (the usual case)
             for outcome, count in now.jobs.items():
                 old = before.jobs.get(outcome, 0) if before else 0
                 total.jobs[outcome] += count - old if count >= old else count
@@ -178,6 +192,8 @@ class FleetStats:
                 if not new_h.valid():
                     continue
                 old_h: HistogramData | None = getattr(before, name) if before else None
+                if old_h is not None and old_h.counts == new_h.counts:
+                    continue
                 fleet_h: FleetHistogram = getattr(total, name)
                 reset = (
                     old_h is None

@@ -16,6 +16,8 @@ controllers and clients each declare what they use, in any order.
 ``{ns}.errors``            quorum queue behind ``{ns}.dead``: the error queue
 ``{ns}.catalog``           one message: the models the controllers know, so a restarted
                            controller can fail the backlog of a model that died meanwhile
+``{ns}.control``           fanout exchange: ``{"cancel": job_id}`` messages to every worker
+``{ns}.control.{id}``      one per worker: its copy of the control messages (TTL, capped)
 =========================  ==========================================================
 """
 
@@ -124,6 +126,13 @@ class Names:
     def dead_tap(self, instance: str) -> str:
         return f"{self.ns}.dead.tap.{instance}"
 
+    @property
+    def control(self) -> str:
+        return f"{self.ns}.control"
+
+    def control_queue(self, instance: str) -> str:
+        return f"{self.ns}.control.{instance}"
+
 
 def model_queue_arguments(names: Names, routing: RoutingSettings) -> dict[str, Any]:
     return {
@@ -215,6 +224,7 @@ class Topology:
         """Everything but model and controller queues."""
         await self.declare_heartbeats(channel)
         await self.declare_jobs(channel)
+        await self.declare_control(channel)
         await channel.declare_queue(self.names.catalog, durable=True, arguments={"x-max-length": 1})
 
     async def declare_model_queue(self, channel: AbstractChannel, model: str) -> AbstractQueue:
@@ -252,6 +262,22 @@ class Topology:
         await queue.bind(self.names.dead)
         return queue
 
+    async def declare_control(self, channel: AbstractChannel) -> AbstractExchange:
+        """The control exchange: producers publish job cancellations, every worker gets them."""
+        return await channel.declare_exchange(self.names.control, ExchangeType.FANOUT, durable=True)
+
+    async def declare_control_queue(self, channel: AbstractChannel, instance: str) -> AbstractQueue:
+        """A worker's own copy of the control messages: auto-delete, short TTL, capped (the
+        same arguments as a controller's heartbeat queue, for the same reasons)."""
+        queue = await channel.declare_queue(
+            self.names.control_queue(instance),
+            durable=False,
+            auto_delete=True,
+            arguments=controller_queue_arguments(self.heartbeat),
+        )
+        await queue.bind(self.names.control)
+        return queue
+
     async def bind_model(self, channel: AbstractChannel, model: str) -> None:
         queue = await self.declare_model_queue(channel, model)
         await queue.bind(self.names.jobs, routing_key=model)
@@ -285,6 +311,7 @@ class Topology:
             self.names.unroutable,
             self.names.dead,
             self.names.heartbeats,
+            self.names.control,
         ):
             await channel.exchange_delete(exchange)
 

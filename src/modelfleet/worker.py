@@ -43,9 +43,10 @@ from aio_pika.abc import (
 from pydantic import BaseModel, ValidationError
 
 from modelfleet import __version__
+from modelfleet.cancel import JobCancelled, JobCanceller
 from modelfleet.config import Settings
 from modelfleet.connections import connect
-from modelfleet.errors import ErrorCode, InvalidJobError
+from modelfleet.errors import ErrorCode, InvalidJobError, JobError
 from modelfleet.jobs import Final, Job
 from modelfleet.messages import (
     ChunkReply,
@@ -57,6 +58,7 @@ from modelfleet.messages import (
     WorkerState,
     check_model_name,
 )
+from modelfleet.security import amqp_user, declare_where_allowed
 from modelfleet.stats import Outcome, WorkerStats
 from modelfleet.topology import (
     ERROR_HEADER,
@@ -75,6 +77,15 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Job], Any]
 
 _STREAM_END = object()
+# Dead-letter reason of a job whose handler raised a JobError with this code.
+_DEAD_REASON_OF = {
+    ErrorCode.OVERLOADED: DeadReason.OVERLOADED,
+    ErrorCode.WORKER_TIMEOUT: DeadReason.EXPIRED,
+    ErrorCode.EXPIRED: DeadReason.EXPIRED,
+}
+# A flood of bad jobs must not flood the log: each failure cause is logged at most this often
+# (every failure is still counted, in the heartbeat's counters).
+LOG_CAUSE_EVERY_S = 60.0
 
 
 class _HandlerKind:
@@ -101,11 +112,13 @@ def _kind_of(handler: Handler) -> str:
 class _Failure(Exception):
     """Internal: end a job with an error reply and a dead-letter reason."""
 
-    def __init__(self, code: ErrorCode, reason: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, reason: str, message: str, cause: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
         self.message = message
+        # A word from a small fixed set, for logging once per cause: finer than the reason.
+        self.cause = cause or reason
 
 
 class Worker:
@@ -172,6 +185,14 @@ class Worker:
         self._stop_requested = asyncio.Event()
         self._started = False
         self._stop_reason: Literal["shutdown", "stuck"] = "shutdown"
+        self._logged_causes: dict[str, float] = {}  # failure cause -> monotonic time logged
+        # Producers' cancellations (modelfleet.cancel); a thread cannot be interrupted, so only
+        # coroutine and async-generator handlers are stopped mid-run.
+        self.cancels = JobCanceller(
+            self.worker_id,
+            cancel_running=self._kind in (_HandlerKind.ASYNC, _HandlerKind.ASYNC_GEN),
+        )
+        self._paused = False  # pause(): consumers cancelled, state draining, until resume()
 
     # -- figures -------------------------------------------------------------------------
 
@@ -230,12 +251,21 @@ class Worker:
         # Quorum queues have no global QoS: prefetch is per consumer, the semaphore caps the sum.
         await self._channel.set_qos(prefetch_count=self.concurrency)
         self._dead_channel = await self._connection.channel(publisher_confirms=True)
-        await self.topology.declare_base(self._dead_channel)
+        # A least-privilege worker may not declare the namespace: then it only checks it.
+        await declare_where_allowed(
+            self._connection,
+            self._dead_channel,
+            self.topology.declare_base,
+            required=(self.names.heartbeats, self.names.dead),
+        )
         self._hb_exchange = await self._channel.get_exchange(self.names.heartbeats)
         self._dead_exchange = await self._dead_channel.get_exchange(self.names.dead)
+        # Before consuming: a job delivered before _started is handed back (a return counted
+        # against its delivery limit), so nothing slow may come between the two.
+        await self.cancels.start(self._connection, self.topology)
         for model in self.models:
             queue = await self.topology.declare_model_queue(self._channel, model)
-            tag = await queue.consume(self._on_message)
+            tag = "" if self._paused else await queue.consume(self._on_message)
             self._queues.append((queue, tag))
         self._started = True
         await self._send_heartbeat()
@@ -307,6 +337,33 @@ class Worker:
                 await self._connection.close()
         log.info("worker %s stopped", self.worker_id)
 
+    async def pause(self) -> None:
+        """Stop taking jobs until :meth:`resume`: cancel the consumers and report ``draining``
+        (the controller then routes around this worker). Jobs already running finish; jobs
+        delivered but not started go back to the queue. Callable before :meth:`start`."""
+        if self._paused:
+            return
+        self._paused = True
+        self.state = WorkerState.DRAINING
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.settings.heartbeat.interval_s):
+                for index, (queue, tag) in enumerate(self._queues):
+                    if tag:
+                        self._queues[index] = (queue, "")
+                        await queue.cancel(tag)
+        await self._send_heartbeat()
+
+    async def resume(self) -> None:
+        """Take jobs again after :meth:`pause` (state ``ready``)."""
+        if not self._paused or self._stop_requested.is_set():
+            return
+        self._paused = False
+        for index, (queue, tag) in enumerate(self._queues):
+            if not tag:
+                self._queues[index] = (queue, await queue.consume(self._on_message))
+        self.state = WorkerState.READY
+        await self._send_heartbeat()
+
     # -- heartbeats ----------------------------------------------------------------------
 
     async def _send_heartbeat(self) -> None:
@@ -318,6 +375,8 @@ class Worker:
             # A heartbeat older than the timeout says nothing true any more.
             expiration=self.settings.heartbeat.timeout_s,
             type="heartbeat",
+            # Checked by the broker; the controller may accept only some users' heartbeats.
+            user_id=amqp_user(self.url),
         )
         try:
             await asyncio.wait_for(
@@ -365,8 +424,8 @@ class Worker:
             self._tasks.add(task)
         try:
             async with self._slots:
-                if not self._started:
-                    # Stopping: hand the job back untouched for another worker.
+                if not self._started or self._paused:
+                    # Stopping or paused: hand the job back untouched for another worker.
                     self.counters["requeued"] += 1
                     await self._settle(message, requeue=True)
                     return
@@ -389,12 +448,14 @@ class Worker:
                 DeadReason.INVALID,
                 f"job body is {len(message.body)} bytes, above worker.max_payload_bytes "
                 f"({self.settings.worker.max_payload_bytes})",
+                cause="too_large",
             )
         if message.content_type not in (None, "", "application/json"):
             raise _Failure(
                 ErrorCode.INVALID_JOB,
                 DeadReason.INVALID,
                 f"content type {message.content_type!r} is not application/json",
+                cause="content_type",
             )
         try:
             request = JobRequest.model_validate_json(message.body)
@@ -402,13 +463,17 @@ class Worker:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
             raise _Failure(
-                ErrorCode.INVALID_JOB, DeadReason.INVALID, f"invalid job: {where}: {first['msg']}"
+                ErrorCode.INVALID_JOB,
+                DeadReason.INVALID,
+                f"invalid job: {where}: {first['msg']}",
+                cause="not_json" if first["type"] == "json_invalid" else "schema",
             ) from None
         if model and request.model != model and request.model not in self.models:
             raise _Failure(
                 ErrorCode.INVALID_JOB,
                 DeadReason.INVALID,
                 f"job names model {request.model!r} but came from the queue of {model!r}",
+                cause="wrong_model",
             )
         headers = message.headers or {}
         count = headers.get("x-delivery-count")
@@ -429,11 +494,13 @@ class Worker:
         started = time.monotonic()
         self._running[job_id] = started
         failure: _Failure | None = None
+        cancelled = False
         result: Any = None
         chunks = 0
         try:
             job = self._parse(message)
             model = job.model
+            self.cancels.check(job)  # cancelled while it waited: never started
             if job.sent_at is not None:
                 self.stats.job_started(model, time.time() - job.sent_at)
             remaining = job.remaining()
@@ -443,11 +510,17 @@ class Worker:
                     DeadReason.EXPIRED,
                     "the producer's deadline passed before a worker could start the job",
                 )
-            result, chunks = await self._run_handler(job, message)
+            result, chunks = await self.cancels.run(job_id, self._run_handler(job, message))
+        except JobCancelled:
+            cancelled = True
         except _Failure as caught:
             failure = caught
         except InvalidJobError as exc:
             failure = _Failure(ErrorCode.INVALID_JOB, DeadReason.INVALID, exc.message)
+        except JobError as exc:  # a handler failing with a code of its own (modelfleet.upstream)
+            failure = _Failure(
+                exc.code, _DEAD_REASON_OF.get(exc.code, DeadReason.WORKER_ERROR), exc.message
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -458,6 +531,11 @@ class Worker:
             )
         finally:
             self._running.pop(job_id, None)
+        if cancelled:
+            # The producer is gone: no answer, no error copy; ack and free the slot.
+            self.counters["cancelled"] += 1
+            await self._settle(message)
+            return
         if failure is None:
             reply = ResultReply(
                 result=result,
@@ -564,7 +642,18 @@ class Worker:
         self, message: AbstractIncomingMessage, model: str, job_id: str, failure: _Failure
     ) -> None:
         """Error reply to the producer, copy to the error queue with the reason, then ack."""
-        log.warning("job %s (%s) failed: %s: %s", job_id, model, failure.reason, failure.message)
+        now = time.monotonic()
+        logged = self._logged_causes.get(failure.cause)
+        if logged is None or now - logged >= LOG_CAUSE_EVERY_S:
+            self._logged_causes[failure.cause] = now
+            log.warning(
+                "job %s (%s) failed: %s (%s): %s (logged at most once a minute per cause)",
+                job_id,
+                model,
+                failure.reason,
+                failure.cause,
+                failure.message,
+            )
         with contextlib.suppress(Exception):
             await self._reply(
                 message, ErrorReply.build(failure.code, failure.message, model=model, job_id=job_id)

@@ -39,9 +39,10 @@ async def test_poison_job_is_dead_lettered_after_the_delivery_limit(
     fleet.controller()
     procs = [
         fleet.worker(model, handler="tests.process.handlers:poison", concurrency=1)
-        for _ in range(2)
+        for _ in range(3)
     ]
-    await fleet.wait_routable(model, workers=2)
+    # Three workers: the poison job kills two of them, so one always serves the others.
+    await fleet.wait_routable(model, workers=3)
     stop = asyncio.Event()
     supervisor = asyncio.create_task(_supervise(fleet, procs, model, stop))
     try:

@@ -17,6 +17,7 @@ PUBLIC = [
     "InvalidJobError",
     "InvalidModelError",
     "Job",
+    "JobCancelledError",
     "JobError",
     "JobStream",
     "JobTimeoutError",

@@ -264,3 +264,34 @@ def test_max_models_frees_room_when_a_worker_leaves() -> None:
     assert registry.observe(hb("w2", ("b",)), now=0.0) is Observation.REFUSED
     registry.observe(hb("w1", seq=1, state=WorkerState.STOPPING), now=1.0)
     assert registry.observe(hb("w2", ("b",)), now=1.0) is Observation.ADDED
+
+
+def test_model_index_follows_joins_changes_and_departures() -> None:
+    """model_names()/serves() come from an index kept with every change; it must match a
+    recount of the workers at every step."""
+    import itertools
+
+    from modelfleet.messages import Heartbeat as _Heartbeat
+
+    registry = Registry(max_models=100)
+    seq = itertools.count(1)
+
+    def beat(worker: str, models: tuple[str, ...], state: str = "ready") -> None:
+        hb = _Heartbeat(
+            worker_id=worker, models=models, concurrency=1, state=state,  # type: ignore[arg-type]
+            sent_at=0.0, interval_s=1.0, seq=next(seq),
+        )  # fmt: skip
+        registry.observe(hb, now=float(next(seq)))
+
+    def recount() -> set[str]:
+        return {m for w in registry.workers() for m in w.models}
+
+    beat("a", ("x", "y"))
+    beat("b", ("y",))
+    assert registry.model_names() == recount() == {"x", "y"}
+    beat("a", ("z",))  # a worker's models change
+    assert registry.model_names() == recount() == {"y", "z"}
+    beat("b", ("y",), state="stopping")
+    assert registry.model_names() == recount() == {"z"} and not registry.serves("y")
+    registry.sweep(now=10_000.0, timeout_s=1.0, guard_min_workers=99)
+    assert registry.model_names() == recount() == set()

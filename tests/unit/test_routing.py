@@ -148,3 +148,15 @@ def test_forget_stale_drops_long_unbound_models_only() -> None:
     assert "gone" not in table
     assert table.known() == {"bound", "back"}
     assert table.route("gone") is None
+
+
+def test_forget_oldest_unrouted_makes_room_longest_unbound_first() -> None:
+    table = RoutingTable(grace_s=0.0)
+    for i, model in enumerate(["a", "b", "c"]):
+        table.mark_bound(model)
+        table.mark_unbound(model, now=float(i))
+    table.mark_bound("live")
+    assert table.forget_oldest_unrouted(2, keep={"a"}) == ["b", "c"]
+    assert table.known() == {"a", "live"}
+    assert table.forget_oldest_unrouted(5, keep=set()) == ["a"]  # a bound model is never dropped
+    assert table.known() == {"live"}

@@ -1,0 +1,1 @@
+"""modelfleet's benchmark suite: ``make bench`` (or ``python -m bench.run``); see README.md."""

@@ -1,0 +1,386 @@
+"""Job cancellation: a producer that gives up on a job tells every worker, which then skips the
+job if it has not started it, or cancels its handler if it is running, and frees the slot.
+
+The path is one fanout exchange, ``{ns}.control`` (see :mod:`modelfleet.topology`). Each worker
+binds a queue of its own to it (auto-delete, short TTL, capped) and consumes messages
+``{"cancel": job_id, "deadline": epoch_s}``. The producer side is :class:`CancelPublisher`, used by
+:class:`modelfleet.Client`: it publishes when :meth:`Client.cancel` is called and whenever a job is
+abandoned before its answer (a ``submit`` task cancelled, a ``JobStream`` closed or broken out of,
+an HTTP client of the gateway gone). The worker side is :class:`JobCanceller`:
+
+* it remembers cancelled ids until the job's deadline (after which no worker starts the job
+  anyway), at most :data:`MAX_REMEMBERED` ids and :data:`MAX_REMEMBER_S` seconds, so a queued job
+  that reaches a worker later is acked without running (counted as ``cancelled``);
+* it cancels the task of a running job whose handler is a coroutine or an async generator; the
+  worker then acks the job and the slot is free at once.
+
+A handler running in a thread (a plain function or generator) cannot be interrupted: it runs to
+its end, its answer is dropped by the producer, and only jobs it has not started are skipped.
+
+Cancellation is best effort and never blocks: a lost control message only means the job runs
+to its end, as it would have without cancellation. Users with least-privilege permissions that
+do not cover ``{ns}.control`` get a warning and no cancellation, never a broken channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from secrets import token_hex
+from typing import Any, TypeVar
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+
+from modelfleet.jobs import Job
+from modelfleet.topology import Topology, json_message
+
+__all__ = [
+    "MAX_REMEMBERED",
+    "MAX_REMEMBER_S",
+    "CancelPublisher",
+    "CancelledJobs",
+    "JobCancelled",
+    "JobCanceller",
+    "cancel_body",
+    "parse_cancel",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# A worker remembers at most this many cancelled job ids (oldest forgotten first) ...
+MAX_REMEMBERED = 100_000
+# ... each for at most this long (a cancel without a deadline is kept this long).
+MAX_REMEMBER_S = 3600.0
+# A cancel is sent in the background; closing a client waits this long for the last ones.
+CLOSE_WAIT_S = 1.0
+# One publish of a cancel may take this long (a broker outage must not pile up tasks forever).
+PUBLISH_TIMEOUT_S = 5.0
+_MAX_BODY = 1024
+
+
+class JobCancelled(Exception):
+    """Internal to the worker: the job was cancelled by its producer (skip it or stop it)."""
+
+    def __init__(self, job_id: str, *, started: bool) -> None:
+        super().__init__(f"job {job_id} was cancelled by its producer")
+        self.job_id = job_id
+        self.started = started
+
+
+def cancel_body(job_id: str, deadline: float | None = None) -> bytes:
+    """The control message that cancels ``job_id`` (``deadline``: the job's, epoch seconds)."""
+    body: dict[str, Any] = {"cancel": job_id}
+    if deadline is not None and math.isfinite(deadline):
+        body["deadline"] = deadline
+    return json.dumps(body).encode()
+
+
+def parse_cancel(body: bytes) -> tuple[str, float | None] | None:
+    """``(job_id, deadline)`` from a control message, or None if it is not a valid cancel."""
+    if len(body) > _MAX_BODY:
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    job_id = data.get("cancel")
+    if not isinstance(job_id, str) or not job_id or len(job_id) > 256:
+        return None
+    deadline = data.get("deadline")
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)):
+        return job_id, None
+    return job_id, float(deadline) if math.isfinite(deadline) else None
+
+
+class CancelledJobs:
+    """Job ids cancelled recently: bounded in count and in time (pure; clock injected).
+
+    >>> jobs = CancelledJobs(max_ids=2, max_keep_s=60)
+    >>> jobs.add("a", keep_s=10, now=0.0)
+    >>> "a" in jobs.snapshot(now=5.0), "a" in jobs.snapshot(now=11.0)
+    (True, False)
+    """
+
+    def __init__(
+        self, *, max_ids: int = MAX_REMEMBERED, max_keep_s: float = MAX_REMEMBER_S
+    ) -> None:
+        self.max_ids = max_ids
+        self.max_keep_s = max_keep_s
+        self._until: OrderedDict[str, float] = OrderedDict()  # job id -> forget after (monotonic)
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def add(self, job_id: str, *, keep_s: float | None, now: float) -> None:
+        keep = self.max_keep_s if keep_s is None else min(max(keep_s, 0.0), self.max_keep_s)
+        self._until.pop(job_id, None)
+        self._until[job_id] = now + keep
+        self.purge(now)
+        while len(self._until) > self.max_ids:
+            self._until.popitem(last=False)
+
+    def contains(self, job_id: str, *, now: float) -> bool:
+        until = self._until.get(job_id)
+        return until is not None and until >= now
+
+    def purge(self, now: float) -> None:
+        """Forget expired ids (insertion order is close to expiry order: stop at a live one)."""
+        while self._until:
+            job_id, until = next(iter(self._until.items()))
+            if until >= now:
+                return
+            del self._until[job_id]
+
+    def snapshot(self, *, now: float) -> set[str]:
+        return {job_id for job_id, until in self._until.items() if until >= now}
+
+
+async def _plain_channel(
+    connection: AbstractConnection, *, confirms: bool = False
+) -> AbstractChannel:
+    """A channel the broker may close for good (an access refusal must not be replayed)."""
+    channel = aio_pika.Channel(connection, publisher_confirms=confirms)
+    await channel.initialize()
+    return channel
+
+
+async def _allowed(
+    connection: AbstractConnection, operation: Callable[[Any], Awaitable[Any]]
+) -> str:
+    """Run ``operation`` on a throw-away channel; "" if it worked, else why not."""
+    probe = await _plain_channel(connection)
+    try:
+        await operation(probe)
+    except (
+        aiormq.exceptions.ChannelAccessRefused,
+        aiormq.exceptions.ChannelNotFoundEntity,
+        aiormq.exceptions.ChannelPreconditionFailed,
+    ) as exc:
+        return str(exc) or type(exc).__name__
+    finally:
+        if not probe.is_closed:
+            with contextlib.suppress(Exception):
+                await probe.close()
+    return ""
+
+
+async def _control_exchange_exists(connection: AbstractConnection, topology: Topology) -> str:
+    """Declare ``{ns}.control`` where allowed, else check that it exists; "" when usable."""
+    refused = await _allowed(connection, topology.declare_control)
+    if not refused:
+        return ""
+    missing = await _allowed(
+        connection, lambda ch: ch.declare_exchange(topology.names.control, passive=True)
+    )
+    return f"{refused}; {missing}" if missing else ""
+
+
+class JobCanceller:
+    """The worker's side: which jobs are cancelled, and the tasks of the running ones.
+
+    Args:
+        instance: names the worker's control queue (``{ns}.control.{instance}-{random}``).
+        cancel_running: cancel the task of a running job (False for thread handlers, which
+            cannot be interrupted: only jobs not yet started are skipped).
+        clock: monotonic clock (tests inject one).
+    """
+
+    def __init__(
+        self,
+        instance: str,
+        *,
+        cancel_running: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        memory: CancelledJobs | None = None,
+    ) -> None:
+        self.instance = f"{instance}-{token_hex(3)}"
+        self.cancel_running = cancel_running
+        self.clock = clock
+        self.memory = memory or CancelledJobs()
+        self.listening = False
+        self._running: dict[str, asyncio.Task[Any]] = {}
+        self._requested: set[str] = set()
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None  # a strong reference: the robust channel
+        # restores only what it still holds
+
+    # -- decisions ---------------------------------------------------------------------
+
+    def is_cancelled(self, job_id: str) -> bool:
+        return self.memory.contains(job_id, now=self.clock())
+
+    def check(self, job: Job) -> None:
+        """Raise :class:`JobCancelled` if ``job`` was cancelled before it started."""
+        if self.is_cancelled(job.job_id):
+            raise JobCancelled(job.job_id, started=False)
+
+    def cancel(self, job_id: str, deadline: float | None = None) -> bool:
+        """Remember ``job_id`` as cancelled and stop it if it runs here; True if it ran."""
+        keep = None if deadline is None else deadline - time.time() + 1.0
+        self.memory.add(job_id, keep_s=keep, now=self.clock())
+        task = self._running.get(job_id)
+        if task is None or task.done() or job_id in self._requested:
+            return False
+        self._requested.add(job_id)
+        task.cancel(f"job {job_id} cancelled by its producer")
+        return True
+
+    async def run(self, job_id: str, awaitable: Awaitable[T]) -> T:
+        """Await ``awaitable`` (the handler) so that :meth:`cancel` can stop it: it then raises
+        :class:`JobCancelled`. Any other cancellation (stop grace) propagates unchanged."""
+        task = asyncio.current_task()
+        if task is None or not self.cancel_running:
+            return await awaitable
+        self._running[job_id] = task
+        try:
+            result = await awaitable
+        except asyncio.CancelledError:
+            if job_id in self._requested:
+                self._requested.discard(job_id)
+                if task.uncancel() == 0:  # ours alone (not also the worker's stop grace)
+                    raise JobCancelled(job_id, started=True) from None
+            raise
+        finally:
+            self._running.pop(job_id, None)
+        if job_id in self._requested:
+            # The handler swallowed the cancellation and returned: undo our request so later
+            # awaits of this task (the reply, the ack) are not cancelled.
+            self._requested.discard(job_id)
+            task.uncancel()
+        return result
+
+    # -- the control queue -------------------------------------------------------------
+
+    async def start(self, connection: AbstractConnection, topology: Topology) -> bool:
+        """Bind and consume this worker's control queue; False (and a warning) if this AMQP
+        user may not, in which case the worker runs without cancellation."""
+        why = await _control_exchange_exists(connection, topology)
+        if not why:
+            why = await _allowed(
+                connection, lambda ch: topology.declare_control_queue(ch, self.instance)
+            )
+        if why:
+            log.warning(
+                "job cancellation is off: cannot use %s (%s); grant this user %s",
+                topology.names.control,
+                why,
+                topology.names.control_queue("*"),
+            )
+            return False
+        self._channel = await connection.channel(publisher_confirms=False)
+        self._queue = await topology.declare_control_queue(self._channel, self.instance)
+        await self._queue.consume(self._on_control, no_ack=True)
+        self.listening = True
+        return True
+
+    async def _on_control(self, message: AbstractIncomingMessage) -> None:
+        parsed = parse_cancel(message.body)
+        if parsed is None:
+            return
+        job_id, deadline = parsed
+        if self.cancel(job_id, deadline):
+            log.info("job %s cancelled by its producer: stopping its handler", job_id)
+
+
+class CancelPublisher:
+    """The producer's side: publishes cancels on a channel of its own, in the background.
+
+    A refused publish (no write permission on ``{ns}.control``) closes only this channel, and
+    turns cancellation off with one warning; a closed channel (connection lost) is reopened on
+    the next cancel.
+    """
+
+    def __init__(self, connection: AbstractConnection, topology: Topology) -> None:
+        self.connection = connection
+        self.topology = topology
+        self.enabled = True
+        self.sent = 0
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def open(cls, connection: AbstractConnection, topology: Topology) -> CancelPublisher:
+        publisher = cls(connection, topology)
+        why = await _control_exchange_exists(connection, topology)
+        if why:
+            log.warning(
+                "job cancellation is off: %s is not usable (%s)", topology.names.control, why
+            )
+            publisher.enabled = False
+        return publisher
+
+    def send(self, job_id: str, deadline: float | None = None) -> None:
+        """Publish a cancel for ``job_id`` in the background (never blocks, never raises)."""
+        if not self.enabled:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._publish(job_id, deadline), name=f"modelfleet-cancel-{job_id}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def publish(self, job_id: str, deadline: float | None = None) -> None:
+        """Publish a cancel for ``job_id`` now (bounded by :data:`PUBLISH_TIMEOUT_S`)."""
+        if self.enabled:
+            await self._publish(job_id, deadline)
+
+    async def _publish(self, job_id: str, deadline: float | None) -> None:
+        message = json_message(
+            cancel_body(job_id, deadline),
+            type="cancel",
+            expiration=PUBLISH_TIMEOUT_S * 12,  # a cancel older than a minute is worthless
+        )
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                exchange = await self._ready_exchange()
+                await exchange.publish(message, routing_key="", mandatory=False)
+            self.sent += 1
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            self.enabled = False
+            log.warning(
+                "job cancellation is off: may not publish to %s (%s)",
+                self.topology.names.control,
+                exc,
+            )
+        except Exception as exc:  # an outage: the job simply runs to its end
+            log.info("cancel of job %s not sent: %s", job_id, exc or type(exc).__name__)
+            self._exchange = None
+
+    async def _ready_exchange(self) -> AbstractExchange:
+        if self._exchange is not None and self._channel is not None and not self._channel.is_closed:
+            return self._exchange
+        # Confirms: a refused publish then fails this publish (and turns cancels off) instead
+        # of closing the channel silently before every next one.
+        self._channel = await _plain_channel(self.connection, confirms=True)
+        self._exchange = await self._channel.get_exchange(self.topology.names.control, ensure=False)
+        return self._exchange
+
+    async def aclose(self) -> None:
+        """Let the cancels still being sent go out (briefly), then close the channel."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=CLOSE_WAIT_S)
+        for task in list(self._tasks):
+            task.cancel()
+        channel, self._channel = self._channel, None
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(Exception):
+                await channel.close()

@@ -1,0 +1,661 @@
+"""The OpenAI-compatible gateway: ``modelfleet gateway``.
+
+A FastAPI app, served by uvicorn in the gateway's own process, that turns OpenAI API requests
+into modelfleet jobs:
+
+=============================  ==============================================================
+``GET /v1/models``             the routable models, from the controller's status API
+``GET /v1/models/{model}``     one of them (404 when it is not routable)
+``POST /v1/chat/completions``  a job on the model's queue; ``stream: true`` answered as
+``POST /v1/completions``       server-sent events, chunk by chunk, ending with
+``POST /v1/embeddings``        ``data: [DONE]``
+``GET /healthz``               the gateway's own health (no API key needed)
+``GET /docs``                  OpenAPI documentation (``/openapi.json``)
+=============================  ==============================================================
+
+A job's payload is the request body plus ``"endpoint"`` (``chat.completions``, ``completions``
+or ``embeddings``), so a handler knows what to answer (see :mod:`modelfleet.openai_shapes`;
+``modelfleet.handlers:fake_llm`` and the upstream adapter, :mod:`modelfleet.upstream`, answer in
+OpenAI's shapes). Errors come in OpenAI's error JSON, ``{"error": {"message", "type", "param",
+"code"}}``, with the HTTP status of their cause (:func:`status_of`); ``code`` is modelfleet's
+numeric error code and the message names the cause, the model and the job.
+
+When the HTTP client goes away before its answer, the job is cancelled (:mod:`modelfleet.cancel`):
+a queued job is never started, a running handler is stopped and its worker's slot freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import signal
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from typing import Any, Final, TypeVar
+
+import httpx
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from modelfleet import __version__
+from modelfleet.client import Client, JobStream
+from modelfleet.config import Settings
+from modelfleet.errors import (
+    ConnectionLostError,
+    ExpiredError,
+    InvalidJobError,
+    JobCancelledError,
+    JobError,
+    JobTimeoutError,
+    NoWorkerError,
+    OverloadedError,
+)
+from modelfleet.openai_shapes import (
+    DONE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    as_chunk,
+    as_response,
+    error_body,
+    model_list,
+    sse,
+)
+
+__all__ = ["Gateway", "build_app", "default_controller_url", "run_gateway", "status_of"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# HTTP status and OpenAI error type of each job error (first match wins: subclasses first).
+_STATUS: Sequence[tuple[type[JobError], int, str]] = (
+    (InvalidJobError, 400, "invalid_request_error"),  # and InvalidModelError
+    (OverloadedError, 429, "rate_limit_error"),
+    (NoWorkerError, 503, "service_unavailable_error"),
+    (JobTimeoutError, 504, "timeout_error"),
+    (ExpiredError, 504, "timeout_error"),
+    (ConnectionLostError, 502, "bad_gateway_error"),
+    (JobCancelledError, 499, "cancelled_error"),
+)
+# What nginx answers when the client closed the request first (nobody reads it).
+CLIENT_CLOSED = 499
+# Beyond the limit, a refused body is still read (and dropped) up to this much more, so the
+# client, still sending, gets the 413 instead of a reset connection.
+_DRAIN_LIMIT = 8 * 1024 * 1024
+_CONTROLLER_TIMEOUT_S = 5.0
+
+
+def status_of(exc: JobError) -> tuple[int, str]:
+    """The HTTP status and OpenAI error type for a job error (anything else: 500)."""
+    for cls, status, type_ in _STATUS:
+        if isinstance(exc, cls):
+            return status, type_
+    return 500, "server_error"
+
+
+def default_controller_url(settings: Settings) -> str:
+    """The controller status API from ``http.host``/``http.port`` (a wildcard host: local)."""
+    host = settings.http.host
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.http.port}"
+
+
+def _error(
+    status: int,
+    message: str,
+    type_: str,
+    *,
+    param: str | None = None,
+    code: int | str | None = None,
+) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param=param, code=code), status_code=status)
+
+
+def _job_error(exc: JobError) -> JSONResponse:
+    status, type_ = status_of(exc)
+    return _error(status, str(exc), type_, code=int(exc.code))
+
+
+# -- the guard: API keys and body size, before anything parses the request --------------------
+
+
+async def _send_json(
+    send: Send, status: int, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    data = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
+class _Guard:
+    """ASGI middleware: Bearer API keys on ``/v1/*`` (401) and the body size limit (413).
+
+    The body is read here, up to the limit, and replayed to the app, so an oversized or
+    unauthorised request never reaches JSON parsing.
+    """
+
+    def __init__(self, app: ASGIApp, *, api_keys: Sequence[str], max_body_bytes: int) -> None:
+        self.app = app
+        self.api_keys = [key.encode() for key in api_keys]
+        self.max_body_bytes = max_body_bytes
+
+    def _authorized(self, scope: Scope) -> bool:
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, key = value.partition(b" ")
+                if scheme.lower() != b"bearer":
+                    return False
+                key = key.strip()
+                # Compare with every key, always: no early exit to time.
+                return any([secrets.compare_digest(key, allowed) for allowed in self.api_keys])
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        protected = path == "/v1" or path.startswith("/v1/")
+        if self.api_keys and protected and not self._authorized(scope):
+            await _send_json(
+                send,
+                401,
+                error_body(
+                    "missing or wrong API key: send 'Authorization: Bearer <key>' with one of "
+                    "the keys in gateway.api_keys",
+                    "authentication_error",
+                    code="invalid_api_key",
+                ),
+                [(b"www-authenticate", b"Bearer")],
+            )
+            return
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            body = await self._read_body(scope, receive, send)
+            if body is None:
+                return
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send)
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        limit = self.max_body_bytes
+        declared = next((v for k, v in scope.get("headers", []) if k == b"content-length"), None)
+        too_large = declared is not None and (not declared.isdigit() or int(declared) > limit)
+        body = bytearray()
+        more = True
+        while more and len(body) <= limit + _DRAIN_LIMIT:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = bool(message.get("more_body", False))
+            if len(body) > limit:
+                too_large = True
+        if too_large:
+            size = declared.decode() if declared is not None else f"more than {limit}"
+            await _send_json(
+                send,
+                413,
+                error_body(
+                    f"request body is {size} bytes, above gateway.max_body_bytes ({limit})",
+                    "invalid_request_error",
+                    code="request_too_large",
+                ),
+            )
+            return None
+        return bytes(body)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: http.disconnect when the client goes
+
+    return replay
+
+
+# -- streaming and disconnects ------------------------------------------------------------------
+
+
+class _ClientGone(Exception):
+    """The HTTP client disconnected before its answer."""
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(awaitable: Awaitable[T], gone: asyncio.Future[None]) -> T:
+    """Await ``awaitable`` unless the client goes first: then cancel it (which cancels the job)
+    and raise :class:`_ClientGone`."""
+    task: asyncio.Future[T] = asyncio.ensure_future(awaitable)
+    try:
+        either: list[asyncio.Future[Any]] = [task, gone]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise _ClientGone
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events that stop as soon as the client disconnects, whatever the ASGI
+    version (the body iterator is then cancelled, and with it the job)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[bytes]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _send_all(self, send: Send) -> None:
+        with contextlib.suppress(OSError):  # ASGI 2.4 servers raise when the client is gone
+            await self.stream_response(send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        streaming = asyncio.ensure_future(self._send_all(send))
+        listening = asyncio.ensure_future(self.listen_for_disconnect(receive))
+        try:
+            await asyncio.wait({streaming, listening}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (streaming, listening):
+                task.cancel()
+            await asyncio.wait({streaming, listening})
+        failure = None if streaming.cancelled() else streaming.exception()
+        if failure is not None:
+            raise failure
+
+
+_END: Final = object()
+
+
+async def _next(chunks: AsyncIterator[Any]) -> Any:
+    return await anext(chunks, _END)
+
+
+# -- the app ------------------------------------------------------------------------------------
+
+
+class _Jobs:
+    """Runs the endpoints' jobs through one :class:`Client`."""
+
+    def __init__(
+        self, client: Client, settings: Settings, controller_url: str, http: httpx.AsyncClient
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.controller_url = controller_url.rstrip("/")
+        self.http = http
+
+    async def routable_models(self) -> list[str]:
+        """Raises ``httpx.HTTPError``/``ValueError`` when the controller cannot tell."""
+        response = await self.http.get(
+            f"{self.controller_url}/v1/models", timeout=_CONTROLLER_TIMEOUT_S
+        )
+        response.raise_for_status()
+        models = response.json()["models"]
+        return sorted(
+            str(m["name"]) for m in models if isinstance(m, dict) and m.get("routable") is True
+        )
+
+    async def models(self) -> Response:
+        try:
+            names = await self.routable_models()
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            return self._controller_down(exc)
+        return JSONResponse(model_list(names))
+
+    async def model(self, name: str) -> Response:
+        try:
+            names = await self.routable_models()
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            return self._controller_down(exc)
+        if name not in names:
+            return _error(
+                404,
+                f"model {name!r} is not served: no live worker has it (see GET /v1/models)",
+                "not_found_error",
+                param="model",
+                code="model_not_found",
+            )
+        return JSONResponse(model_list([name])["data"][0])
+
+    def _controller_down(self, exc: Exception) -> Response:
+        cause = str(exc) or type(exc).__name__
+        return _error(
+            503,
+            f"cannot list models: the controller status API at {self.controller_url} did not "
+            f"answer ({cause})",
+            "service_unavailable_error",
+        )
+
+    async def run(self, endpoint: str, body: Any, request: Request) -> Response:
+        payload: dict[str, Any] = body.model_dump(exclude_unset=True)
+        payload["model"] = model = body.model
+        payload["endpoint"] = endpoint
+        stream = endpoint != "embeddings" and getattr(body, "stream", False) is True
+        timeout = self.settings.gateway.timeout_s
+        gone = asyncio.ensure_future(_wait_disconnect(request.receive))
+        try:
+            if stream:
+                return await self._stream(endpoint, model, payload, timeout, gone)
+            try:
+                result = await _unless_gone(
+                    self.client.submit(model, payload, timeout=timeout), gone
+                )
+            except JobError as exc:
+                return _job_error(exc)
+        except _ClientGone:
+            log.info("client of a %s request for %s went away: job cancelled", endpoint, model)
+            return Response(status_code=CLIENT_CLOSED)
+        finally:
+            gone.cancel()
+        answer = as_response(endpoint, result, model=model, id_=uuid.uuid4().hex)
+        if answer is None:
+            return _error(
+                500,
+                f"model {model!r}: the worker's answer is not an OpenAI {endpoint} response "
+                f"(got {json.dumps(result)[:200]})",
+                "server_error",
+                code=50001,
+            )
+        return JSONResponse(answer)
+
+    async def _stream(
+        self,
+        endpoint: str,
+        model: str,
+        payload: dict[str, Any],
+        timeout: float,
+        gone: asyncio.Future[None],
+    ) -> Response:
+        job = self.client.stream(model, payload, timeout=timeout)
+        chunks = aiter(job)
+        try:
+            # The first chunk (or the error) before the status line: errors keep their status.
+            first = await _unless_gone(_next(chunks), gone)
+        except JobError as exc:
+            await job.aclose()
+            return _job_error(exc)
+        except BaseException:
+            await job.aclose()
+            raise
+        return _EventStream(self._events(endpoint, model, job, chunks, first))
+
+    async def _events(
+        self, endpoint: str, model: str, job: JobStream, chunks: AsyncIterator[Any], first: Any
+    ) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        try:
+            item = first
+            while item is not _END:
+                chunk = as_chunk(endpoint, item, model=model, id_=job.job_id, created=created)
+                if chunk is not None:
+                    yield sse(chunk)
+                item = await anext(chunks, _END)
+            yield sse(DONE)
+        except JobError as exc:
+            # Mid-stream: the status line is gone; OpenAI clients raise on an error event.
+            _, type_ = status_of(exc)
+            yield sse(error_body(str(exc), type_, code=int(exc.code)))
+        finally:
+            await job.aclose()  # cancels the job if the client left before its end
+
+
+def build_app(
+    client: Client,
+    settings: Settings,
+    *,
+    controller_url: str | None = None,
+    http: httpx.AsyncClient | None = None,
+) -> FastAPI:
+    """The gateway's ASGI app; ``client`` must be connected before requests come."""
+    gateway = settings.gateway
+    jobs = _Jobs(
+        client,
+        settings,
+        controller_url or default_controller_url(settings),
+        http or httpx.AsyncClient(),
+    )
+    app = FastAPI(
+        title="modelfleet OpenAI-compatible gateway",
+        version=__version__,
+        description=(
+            "OpenAI API in front of a modelfleet namespace: each request becomes a job on the "
+            "model's queue. Errors use OpenAI's error JSON; `code` is modelfleet's error code "
+            "(50005 no worker, 42903 overloaded, 50006 timeout, 50001 worker error, 40001 "
+            "invalid job, 40301 invalid model)."
+        ),
+    )
+    # Declares the Bearer scheme in /docs; the guard middleware does the checking.
+    bearer = HTTPBearer(auto_error=False, description="one of gateway.api_keys, when set")
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(bearer)] if gateway.api_keys else [])
+
+    @v1.get("/models", summary="List the models the fleet serves now")
+    async def list_models() -> Response:
+        return await jobs.models()
+
+    @v1.get("/models/{model:path}", summary="One model, if the fleet serves it now")
+    async def get_model(model: str) -> Response:
+        return await jobs.model(model)
+
+    @v1.post("/chat/completions", summary="Chat completion (stream: server-sent events)")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await jobs.run("chat.completions", body, request)
+
+    @v1.post("/completions", summary="Text completion (stream: server-sent events)")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await jobs.run("completions", body, request)
+
+    @v1.post("/embeddings", summary="Embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        return await jobs.run("embeddings", body, request)
+
+    @app.get("/healthz", summary="The gateway's own health")
+    async def healthz() -> dict[str, Any]:
+        return {"healthy": True, "namespace": client.names.ns, "controller": jobs.controller_url}
+
+    app.include_router(v1)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(where) or None
+        message = str(first.get("msg", "invalid request"))
+        return _error(
+            400,
+            f"invalid request: {param or 'body'}: {message}",
+            "invalid_request_error",
+            param=param,
+            code=40001,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type_)
+
+    app.add_middleware(
+        _Guard, api_keys=list(gateway.api_keys), max_body_bytes=gateway.max_body_bytes
+    )
+    return app
+
+
+# -- the process --------------------------------------------------------------------------------
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # the Gateway handles SIGTERM/SIGINT itself, and closes its client after
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+class Gateway:
+    """The gateway: a :class:`Client`, the app, and uvicorn serving it on ``host:port``.
+
+    >>> async with Gateway(settings, port=0) as gateway:
+    ...     print(gateway.url)  # http://127.0.0.1:54321
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        controller_url: str | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        gateway = self.settings.gateway
+        self.host = host or gateway.host
+        self.port = gateway.port if port is None else port
+        self.controller_url = (controller_url or default_controller_url(self.settings)).rstrip("/")
+        self.client = Client(self.settings, timeout=gateway.timeout_s)
+        self._http = httpx.AsyncClient()
+        self.app = build_app(
+            self.client, self.settings, controller_url=self.controller_url, http=self._http
+        )
+        self._server: _Server | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Connect to RabbitMQ, then listen (port 0: a free port, see :attr:`port`)."""
+        await self.client.connect()
+        try:
+            sock = _bind(self.host, self.port)
+            self.port = int(sock.getsockname()[1])
+            config = uvicorn.Config(
+                self.app,
+                log_config=None,  # keep modelfleet's logging set-up
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=5,
+            )
+            self._server = _Server(config)
+            self._serving = asyncio.create_task(
+                self._server.serve(sockets=[sock]), name="modelfleet-gateway"
+            )
+            async with asyncio.timeout(10):
+                while not self._server.started:
+                    if self._serving.done():
+                        self._serving.result()  # raises what stopped it
+                        raise OSError("the HTTP server stopped while starting")
+                    await asyncio.sleep(0.01)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info(
+            "OpenAI-compatible gateway on %s (namespace %s, models from %s, docs at %s/docs)",
+            self.url,
+            self.client.names.ns,
+            self.controller_url,
+            self.url,
+        )
+
+    async def stop(self) -> None:
+        """Stop listening (open requests get a few seconds), then close the client."""
+        server, self._server = self._server, None
+        serving, self._serving = self._serving, None
+        if server is not None:
+            server.should_exit = True
+        if serving is not None:
+            try:
+                async with asyncio.timeout(10):
+                    await serving
+            except TimeoutError:
+                if server is not None:
+                    server.force_exit = True
+                serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
+        await self._http.aclose()
+        await self.client.close()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), stop."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        installed: list[signal.Signals] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._stop.set)
+                installed.append(sig)
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+
+async def run_gateway(
+    settings: Settings,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    controller_url: str | None = None,
+) -> int:
+    """``modelfleet gateway``: serve until SIGTERM/SIGINT; returns the exit code."""
+    await Gateway(settings, host=host, port=port, controller_url=controller_url).run()
+    return 0
