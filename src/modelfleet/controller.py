@@ -78,6 +78,8 @@ REROUTED_HEADER = "x-mf-rerouted"
 # Re-assert bindings of routable models every this many stats rounds (an operator may have
 # unbound by hand; another controller may have raced us).
 REBIND_EVERY_ROUNDS = 10
+# AMQP `type` of the controller's own round-trip probe on the heartbeats exchange.
+PROBE_TYPE = "modelfleet.probe"
 
 
 class Controller:
@@ -126,6 +128,8 @@ class Controller:
         self._rounds = 0
         self._kick_pending = False
         self._kick_again = False
+        self._probe_seen_at: float | None = None
+        self._evict_after = 0.0
         self.metrics.attach(self)
 
     # -- timing --------------------------------------------------------------------------
@@ -176,6 +180,7 @@ class Controller:
         self._tasks = [
             asyncio.create_task(self._sweep_loop(), name="modelfleet-sweeper"),
             asyncio.create_task(self._stats_loop(), name="modelfleet-stats"),
+            asyncio.create_task(self._probe_loop(), name="modelfleet-probe"),
         ]
         log.info(
             "controller %s watching namespace %s (listen-only for %.1fs)",
@@ -296,7 +301,41 @@ class Controller:
             self._queue_counts.pop(model, None)
         return len(freed) >= excess
 
+    def _broker_ok(self, now: float) -> bool:
+        """Whether this controller's own probe made the round trip through the broker lately
+        (a memory alarm or an outage stops it as it stops every worker's heartbeat)."""
+        if self._probe_seen_at is None:
+            return True  # not probing yet (not started): nothing says otherwise
+        allowed = 2 * self.settings.heartbeat.interval_s + self.settings.heartbeat.sweep_interval_s
+        return now - self._probe_seen_at <= allowed
+
+    async def _probe_loop(self) -> None:
+        """Publish a probe to the heartbeats exchange every interval; _on_heartbeat notes its
+        return. Its absence means the data plane, not the workers, has stopped."""
+        assert self._connection is not None
+        interval = self.settings.heartbeat.interval_s
+        self._probe_seen_at = self.clock()
+        channel: AbstractChannel | None = None
+        while True:
+            try:
+                if channel is None or channel.is_closed:
+                    channel = await self._connection.channel(publisher_confirms=False)
+                exchange = await channel.get_exchange(self.names.heartbeats, ensure=False)
+                probe = aio_pika.Message(
+                    self.instance.encode(), type=PROBE_TYPE, expiration=interval * 2
+                )
+                await asyncio.wait_for(exchange.publish(probe, "", mandatory=False), interval)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("probe not sent: %s", exc)
+            await asyncio.sleep(interval)
+
     async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
+        if message.type == PROBE_TYPE:
+            if message.body == self.instance.encode():
+                self._probe_seen_at = self.clock()
+            return  # another controller's probe: not a heartbeat, not an error
         # user_id is checked by the broker (it must be the sender's own user): only the users in
         # security.heartbeat_users (when set) may announce workers.
         if not heartbeat_sender_allowed(message.user_id, self.settings.security.heartbeat_users):
@@ -380,20 +419,30 @@ class Controller:
         """Evict silent workers (pure registry work; routing follows in _apply_routing)."""
         started = time.perf_counter()
         hb = self.settings.heartbeat
+        now = self.clock()
+        broker_ok = self._broker_ok(now)
         result = self.registry.sweep(
-            now=self.clock(),
+            now=now,
             timeout_s=hb.timeout_s,
             guard_ratio=hb.guard_silent_ratio,
             guard_min_workers=hb.guard_min_workers,
-            evict=not self.listen_only,
+            # After broker trouble, listen for one timeout again before evicting anyone: the
+            # workers' heartbeats were stuck in the same outage as ours.
+            evict=not self.listen_only and broker_ok and now >= self._evict_after,
         )
-        if result.suspect_broker and not self.suspect_broker:
+        suspect = result.suspect_broker or not broker_ok
+        if suspect:
+            self._evict_after = now + hb.timeout_s
+        if suspect and not self.suspect_broker:
             log.warning(
-                "%d of %d workers went silent together: suspecting the broker, holding evictions",
-                len(result.silent),
-                len(self.registry),
+                "%s: suspecting the broker, holding evictions",
+                "this controller's own probe did not come back through the broker"
+                if not broker_ok
+                else f"{len(result.silent)} of {len(self.registry)} workers went quiet together",
             )
-        self.suspect_broker = result.suspect_broker
+        elif self.suspect_broker and not suspect:
+            log.info("heartbeats flow again; evictions resume after one heartbeat timeout")
+        self.suspect_broker = suspect
         for worker in result.evicted:
             self.metrics.evictions.labels(EvictionReason.TIMEOUT).inc()
             log.warning(

@@ -201,20 +201,27 @@ class Registry:
         guard_ratio: float = 0.5,
         guard_min_workers: int = 3,
         evict: bool = True,
+        quiet_after_s: float | None = None,
     ) -> SweepResult:
         """Evict workers silent longer than ``timeout_s``.
 
         Mass-silence guard: in a fleet of at least ``guard_min_workers``, when more than
         ``guard_ratio`` of the workers are silent at once, nothing is evicted — a memory alarm or a
         partition stops every heartbeat together, and evicting the whole fleet would turn a
-        broker hiccup into NO_WORKER errors for everyone. ``evict=False`` only reports.
+        broker hiccup into NO_WORKER errors for everyone. Heartbeats run at different phases, so
+        the guard counts workers *quiet* for ``quiet_after_s`` (default half the timeout), not
+        only those already past the timeout: a fleet-wide silence is recognised before the
+        first worker of it times out, not after half of it has been evicted one by one.
+        ``evict=False`` only reports.
         """
         silent = self.silent(now=now, timeout_s=timeout_s)
         ids = tuple(sorted(w.worker_id for w in silent))
         if not silent:
             return SweepResult()
         total = len(self._workers)
-        if total >= guard_min_workers and len(silent) > guard_ratio * total:
+        quiet_after = timeout_s / 2 if quiet_after_s is None else quiet_after_s
+        quiet = sum(1 for w in self._workers.values() if now - w.last_heartbeat > quiet_after)
+        if total >= guard_min_workers and quiet > guard_ratio * total:
             return SweepResult(suspect_broker=True, silent=ids)
         if not evict:
             return SweepResult(silent=ids)

@@ -295,3 +295,25 @@ def test_model_index_follows_joins_changes_and_departures() -> None:
     assert registry.model_names() == recount() == {"z"} and not registry.serves("y")
     registry.sweep(now=10_000.0, timeout_s=1.0, guard_min_workers=99)
     assert registry.model_names() == recount() == set()
+
+
+def test_guard_sees_a_staggered_fleet_wide_silence_before_anyone_is_evicted() -> None:
+    """Heartbeats run at different phases: when the broker stops them all at t=10, workers pass
+    the timeout one sweep after another. Seen one at a time, 2 of 4 silent is not "most"; the
+    guard must count the whole fleet gone quiet and evict nobody."""
+    registry = Registry()
+    for worker_id, last in (("a", 9.0), ("b", 9.5), ("c", 9.8), ("d", 9.9)):
+        registry.observe(hb(worker_id), now=last)
+    # t=15.6: a and b are past the 6 s timeout; c and d are not yet, but quiet for > 3 s.
+    result = registry.sweep(now=15.6, timeout_s=6.0, guard_ratio=0.5, guard_min_workers=3)
+    assert result.suspect_broker and result.evicted == ()
+    assert len(registry) == 4
+
+
+def test_one_silent_worker_among_talking_ones_is_evicted() -> None:
+    registry = Registry()
+    for worker_id, last in (("a", 1.0), ("b", 9.5), ("c", 9.8), ("d", 9.9)):
+        registry.observe(hb(worker_id), now=last)
+    result = registry.sweep(now=10.0, timeout_s=6.0, guard_ratio=0.5, guard_min_workers=3)
+    assert not result.suspect_broker
+    assert [w.worker_id for w in result.evicted] == ["a"]
