@@ -56,12 +56,11 @@ from modelfleet.security import heartbeat_sender_allowed
 from modelfleet.stats import FleetStats
 from modelfleet.topology import (
     DEADLINE_HEADER,
-    ERROR_HEADER,
     MODEL_HEADER,
-    REASON_HEADER,
     DeadReason,
     Names,
     Topology,
+    dead_copy,
     dead_reason,
     json_message,
 )
@@ -550,20 +549,7 @@ class Controller:
         text = self._no_worker_text(model)
         if message.reply_to:
             await self._reply_error(message, ErrorCode.NO_WORKER, text, model=model)
-        headers: dict[str, Any] = dict(message.headers or {})
-        headers.update(
-            {REASON_HEADER: DeadReason.NO_WORKER, ERROR_HEADER: text, MODEL_HEADER: model}
-        )
-        copy = aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=message.content_type,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            timestamp=message.timestamp,
-            type="job",
-        )
+        copy = dead_copy(message, reason=DeadReason.NO_WORKER, error=text, model=model)
         try:
             await self._dead.publish(copy, routing_key=model, mandatory=False)
         except Exception as exc:

@@ -30,7 +30,13 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    ExchangeType,
+)
 
 from modelfleet.config import HeartbeatSettings, RoutingSettings
 
@@ -314,6 +320,26 @@ class Topology:
             self.names.control,
         ):
             await channel.exchange_delete(exchange)
+
+
+def dead_copy(
+    message: AbstractIncomingMessage, *, reason: str, error: str, model: str
+) -> aio_pika.Message:
+    """The copy of a failed job that goes to ``{ns}.dead`` (and on to the error queue): the job's
+    body and identity, with why it failed in our headers. No expiration: the copy must not expire
+    in the error queue the way the job would have in its model queue."""
+    headers: dict[str, Any] = dict(message.headers or {})
+    headers.update({REASON_HEADER: reason, ERROR_HEADER: error[:1000], MODEL_HEADER: model})
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        timestamp=message.timestamp,
+        type="job",
+    )
 
 
 def json_message(body: bytes, **properties: Any) -> aio_pika.Message:

@@ -32,7 +32,6 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from secrets import token_hex
 from typing import Any, Literal
 
-import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -61,12 +60,10 @@ from modelfleet.messages import (
 from modelfleet.security import amqp_user, declare_where_allowed
 from modelfleet.stats import Outcome, WorkerStats
 from modelfleet.topology import (
-    ERROR_HEADER,
-    MODEL_HEADER,
-    REASON_HEADER,
     DeadReason,
     Names,
     Topology,
+    dead_copy,
     json_message,
 )
 
@@ -658,24 +655,7 @@ class Worker:
             await self._reply(
                 message, ErrorReply.build(failure.code, failure.message, model=model, job_id=job_id)
             )
-        headers = dict(message.headers or {})
-        headers.update(
-            {
-                REASON_HEADER: failure.reason,
-                ERROR_HEADER: failure.message[:1000],
-                MODEL_HEADER: model,
-            }
-        )
-        copy = aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=message.content_type,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            timestamp=message.timestamp,
-            type="job",
-        )
+        copy = dead_copy(message, reason=failure.reason, error=failure.message, model=model)
         try:
             assert self._dead_exchange is not None
             await self._dead_exchange.publish(copy, routing_key=model, mandatory=False)
