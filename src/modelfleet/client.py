@@ -105,6 +105,8 @@ class Client:
         self._jobs: AbstractExchange | None = None
         self._reply_queue: AbstractQueue | None = None
         self._pending: dict[str, asyncio.Queue[_Reply]] = {}
+        # Set while the connection (with its reply consumer) is up; publishes wait for it.
+        self._ready = asyncio.Event()
         self._canceller: CancelPublisher | None = None
 
     async def __aenter__(self) -> Client:
@@ -135,6 +137,8 @@ class Client:
             await self._reply_queue.consume(self._on_reply, no_ack=True)
             self._canceller = await CancelPublisher.open(self._connection, topology)
             self._channel.close_callbacks.add(self._on_channel_closed)
+            self._connection.reconnect_callbacks.add(self._on_reconnected)
+            self._ready.set()
         except Exception:
             await self.close()
             raise
@@ -153,9 +157,17 @@ class Client:
         """Jobs submitted and not yet answered."""
         return len(self._pending)
 
+    def _on_reconnected(self, *_: object) -> None:
+        # Called once every channel (and our direct reply-to consumer) has been restored.
+        self._ready.set()
+
     def _on_channel_closed(self, _sender: object, reason: object = None) -> None:
         """The reply channel died (connection lost, broker restart): answers to the jobs still
         pending can no longer reach us, so fail them now instead of at their deadline."""
+        # Publishing before the robust connection has restored the reply consumer would make
+        # the broker close the channel again (PRECONDITION_FAILED: fast reply consumer does
+        # not exist) and abort the restore; publishes wait for the reconnection instead.
+        self._ready.clear()
         if not self._pending:
             return
         cause = str(reason) or type(reason).__name__ if reason is not None else "closed"
@@ -226,6 +238,7 @@ class Client:
         try:
             async with asyncio.timeout(timeout):
                 while True:
+                    await self._ready.wait()
                     try:
                         # The jobs exchange has an alternate exchange: an unroutable job is caught
                         # there and answered with NO_WORKER, so `mandatory` is not needed.
@@ -246,10 +259,11 @@ class Client:
                         last_error = exc
                         await asyncio.sleep(_REPUBLISH_PAUSE_S)
         except TimeoutError:
-            if last_error is not None:
+            if last_error is not None or not self._ready.is_set():
+                cause = last_error or "reconnecting"
                 raise ConnectionLostError(
                     f"RabbitMQ stayed unreachable for the job's whole {timeout:g}s "
-                    f"({last_error or type(last_error).__name__}); the job was not sent",
+                    f"({cause}); the job was not sent",
                     model=model,
                     job_id=job_id,
                 ) from None
