@@ -243,7 +243,7 @@ async def _run_worker(settings: Settings, args: argparse.Namespace) -> int:
 async def _run_upstream_worker(settings: Settings, args: argparse.Namespace) -> int:
     import os
 
-    from modelfleet.upstream import check_upstream_url, run_upstream_worker
+    from modelfleet.upstream import UpstreamWorker, check_upstream_url
 
     if args.handler != "modelfleet.handlers:echo":
         raise UsageError("--upstream and --handler exclude each other")
@@ -251,7 +251,7 @@ async def _run_upstream_worker(settings: Settings, args: argparse.Namespace) -> 
         raise UsageError("--concurrency must be at least 1")
     try:
         check_upstream_url(args.upstream)
-        await run_upstream_worker(
+        await UpstreamWorker(
             settings,
             args.model,
             args.upstream,
@@ -259,7 +259,7 @@ async def _run_upstream_worker(settings: Settings, args: argparse.Namespace) -> 
             api_key=args.upstream_api_key or os.environ.get("OPENAI_API_KEY"),
             concurrency=args.concurrency,
             worker_id=args.worker_id,
-        )
+        ).run()
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return EXIT_OK

@@ -56,7 +56,6 @@ __all__ = [
     "UpstreamWorker",
     "check_upstream_url",
     "error_for_status",
-    "run_upstream_worker",
 ]
 
 log = logging.getLogger(__name__)
@@ -348,28 +347,3 @@ class UpstreamWorker:
         finally:
             await self._unwatch()
             await self.upstream.aclose()
-
-
-async def run_upstream_worker(
-    settings: Settings,
-    models: Sequence[str],
-    url: str,
-    *,
-    upstream_model: str | None = None,
-    api_key: str | None = None,
-    health_url: str | None = None,
-    concurrency: int | None = None,
-    worker_id: str | None = None,
-) -> None:
-    """``modelfleet worker --upstream URL``: serve ``models`` from the server at ``url`` until
-    SIGTERM/SIGINT, taking jobs only while it is healthy."""
-    await UpstreamWorker(
-        settings,
-        models,
-        url,
-        upstream_model=upstream_model,
-        api_key=api_key,
-        health_url=health_url,
-        concurrency=concurrency,
-        worker_id=worker_id,
-    ).run()

@@ -258,8 +258,9 @@ async def test_heartbeats_announcing_models_beyond_the_cap_are_refused(
         assert not set(greedy) & controller.routing.known()
         for fill in fillers:
             await wait_routable(controller, fill)  # within the cap: served as usual
-        # Let a routing round and a stats round pass, then look at the broker.
-        await asyncio.sleep(settings.routing.stats_interval_s)
+        # Let a stats round (and the routing rounds around it) pass, then look at the broker.
+        rounds = controller._rounds
+        await wait_for(lambda: controller._rounds > rounds, what="a stats round")
         assert await missing_queues(amqp_url, ns, greedy) == len(greedy)
         for name, family in families(controller).items():
             if name.startswith("modelfleet_model_"):

@@ -395,8 +395,14 @@ async def test_a_forged_user_id_is_refused_by_the_broker(ns: Namespace) -> None:
         assert "PRECONDITION_FAILED" in text
         assert "user_id property set to 'fleet-worker'" in text
         assert channel.is_closed  # the broker closed the publisher's channel
-        # Nothing reached the controller: not as a worker, not even as a dropped heartbeat.
-        await asyncio.sleep(3 * settings.heartbeat.interval_s)
+        # Nothing reached the controller: not as a worker, not even as a dropped heartbeat. The
+        # controller's own probe travels the same queue: once a probe sent after the refusal is
+        # back, anything the forged publish had let through would have arrived before it.
+        refused_at = controller.clock()
+        await wait_for(
+            lambda: (controller._probe_seen_at or 0) > refused_at + settings.heartbeat.interval_s,
+            what="a probe sent after the refusal",
+        )
         assert "impostor" not in controller.registry
         assert _user_drops(controller) == 0
         assert metric(controller, "modelfleet_heartbeats_received_total") == 0
