@@ -116,6 +116,16 @@ async def wait_errors(ns: Namespace, count: int) -> None:
     await wait_for(enough, timeout=10, what=f"{count} copies in the error queue")
 
 
+async def expect_errors(ns: Namespace, count: int) -> None:
+    """The error queue holds exactly ``count`` ready copies. Copies a command read and handed back
+    return when its channel closes, which a quorum queue applies a moment later: wait for it."""
+
+    async def exact() -> bool:
+        return await errors_count(ns) == count
+
+    await wait_for(exact, timeout=10, what=f"exactly {count} copies in the error queue")
+
+
 def config_file(tmp_path: Path, settings: Settings) -> str:
     path = tmp_path / "settings.toml"
     path.write_text(
@@ -176,7 +186,7 @@ async def test_list_shows_models_reasons_ages_and_leaves_the_queue_intact(
     assert ns.names.model_queue(mistral) in by_id[d].error
 
     # Nothing was consumed, the order holds, and each listing counts as one hand-back.
-    assert await errors_count(ns) == 4
+    await expect_errors(ns, 4)
     again, _ = await list_errors(settings)
     assert [j.job_id for j in again] == [a, b, c, d]
     assert all(j.returned == 1 for j in again)
@@ -189,7 +199,7 @@ async def test_list_shows_models_reasons_ages_and_leaves_the_queue_intact(
     first, errors = await list_errors(settings, limit=2)
     assert [j.job_id for j in first] == [a, b]
     assert errors.matched == 4
-    assert await errors_count(ns) == 4
+    await expect_errors(ns, 4)
 
     # The command line: a table and JSON.
     code, out, _ = await run("errors", "list")
@@ -206,7 +216,7 @@ async def test_list_shows_models_reasons_ages_and_leaves_the_queue_intact(
     assert [j["job_id"] for j in document["jobs"]] == [b]
     assert document["matched"] == 2
     assert document["jobs"][0]["model"] == mistral
-    assert await errors_count(ns) == 4
+    await expect_errors(ns, 4)
 
 
 async def test_listing_a_namespace_without_an_error_queue_says_so(run: Cli) -> None:
@@ -251,7 +261,7 @@ async def test_show_prints_everything_about_one_job(ns: Namespace, run: Cli) -> 
 
     code, _, err = await run("errors", "show", "no-such-job")
     assert code == 1 and "no job 'no-such-job'" in err
-    assert await errors_count(ns) == 2
+    await expect_errors(ns, 2)
 
 
 # --- replay -------------------------------------------------------------------------------------
@@ -344,7 +354,7 @@ async def test_replay_keep_reply_to_answers_the_original_producer(
         second = producer.replies[job][1]
         assert isinstance(second, ResultReply)
         assert second.result == {"echo": "again"}
-    assert await errors_count(ns) == 0
+    await expect_errors(ns, 0)
 
 
 async def test_a_replayed_job_is_fresh(ns: Namespace) -> None:
@@ -367,7 +377,7 @@ async def test_a_replayed_job_is_fresh(ns: Namespace) -> None:
     body = JobRequest.model_validate_json(message.body)
     assert body.deadline == pytest.approx(now + 45)
     assert body.payload == [1, 2] and body.model == model
-    assert await errors_count(ns) == 1  # building it removed nothing
+    await expect_errors(ns, 1)  # building it removed nothing
 
 
 async def test_replay_publishes_a_job_once_and_removes_every_copy(ns: Namespace) -> None:
@@ -388,7 +398,7 @@ async def test_replay_publishes_a_job_once_and_removes_every_copy(ns: Namespace)
         assert arrived.message_id == job and arrived.routing_key == model
         await asyncio.sleep(0.3)
         assert await probe.get(no_ack=True, fail=False) is None  # published once
-    assert await errors_count(ns) == 0
+    await expect_errors(ns, 0)
 
 
 # --- purge --------------------------------------------------------------------------------------
@@ -411,7 +421,7 @@ async def test_purge_removes_only_the_chosen_jobs(ns: Namespace, run: Cli) -> No
     assert code == 2 and "--yes" in err
     code, _, err = await run("errors", "purge", "--yes")
     assert code == 2 and "--all" in err
-    assert await errors_count(ns) == 5
+    await expect_errors(ns, 5)
 
     code, out, _ = await run("errors", "purge", a, "--yes")
     assert code == 0 and f"purged {a}" in out
@@ -430,18 +440,18 @@ async def test_purge_removes_only_the_chosen_jobs(ns: Namespace, run: Cli) -> No
 
     kept = await purge_errors(ns.settings(), Selection(everything=True), confirm=decline)
     assert kept == [] and asked == [[b, d, e]]
-    assert await errors_count(ns) == 3
+    await expect_errors(ns, 3)
 
     code, out, _ = await run("errors", "purge", "--all", "--reason", "expired", "--yes")
     assert code == 0 and f"purged {d}" in out and f"purged {e}" in out
     assert ids((await list_errors(ns.settings()))[0]) == [b]
     code, _, _ = await run("errors", "purge", "nothing-like-this", "--yes")
     assert code == 1
-    assert await errors_count(ns) == 1
+    await expect_errors(ns, 1)
 
     async def accept(jobs: list[Any]) -> bool:  # a confirmation may be asynchronous
         return ids(jobs) == [b]
 
     purged = await purge_errors(ns.settings(), Selection(job_ids=frozenset({b})), confirm=accept)
     assert ids(purged) == [b]
-    assert await errors_count(ns) == 0
+    await expect_errors(ns, 0)
