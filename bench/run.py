@@ -55,7 +55,7 @@ import aiohttp  # noqa: E402
 
 from bench.amqp_raw import RawPublisher, batches, encode_publish  # noqa: E402
 from bench.handlers import STREAM_CHUNKS  # noqa: E402
-from bench.naive import NaiveClient  # noqa: E402
+from bench.naive import NaiveClient, declare_queue  # noqa: E402
 from bench.sim import SimulatedFleet  # noqa: E402
 from modelfleet import __version__  # noqa: E402
 from modelfleet.client import Client  # noqa: E402
@@ -506,6 +506,17 @@ async def scenario(ctx: Context, key: str) -> AsyncIterator[Scenario]:
         await sc.close()
 
 
+async def declare_naive_queue(url: str, queue: str) -> None:
+    """Declare the naive RPC's quorum queue before its workers start: two workers declaring a
+    new quorum queue at once can catch it before its leader is elected, and RabbitMQ 3.10 then
+    closes the connection with INTERNAL_ERROR."""
+    connection = await aio_pika.connect(url)
+    try:
+        await declare_queue(await connection.channel(), queue)
+    finally:
+        await connection.close()
+
+
 async def wait_consumers(url: str, queue: str, count: int, procs: list[Any]) -> None:
     connection = await aio_pika.connect(url)
     try:
@@ -601,6 +612,7 @@ async def run_e2e(ctx: Context) -> list[Row]:
         workers = [
             sc.worker(env, model, "modelfleet.handlers:echo", plan.concurrency) for _ in range(2)
         ]
+        await declare_naive_queue(ctx.url, naive_queue)
         naive = [sc.naive_worker(naive_queue, plan.concurrency) for _ in range(2)]
         status.watch += workers
         pids = {
@@ -637,7 +649,11 @@ async def run_e2e(ctx: Context) -> list[Row]:
                         started = time.perf_counter()
                         rate = await closed_loop(calls[name], k, plan.throughput_s / 2)
                         jobs = rate * (time.perf_counter() - started)
-                        used = sum(cpu_seconds(p) for p in procs) - sum(before)
+                        after = [cpu_seconds(p) for p in procs]
+                        used = sum(after) - sum(before)
+                        if os.environ.get("BENCH_CPU_SPLIT"):
+                            split = [(a - b) / jobs * 1000 for a, b in zip(after, before)]
+                            say(f"    {name} {k}: " + " ".join(f"{x:.3f}" for x in split))
                         beam_used = (cpu_seconds(beam) - beam_before) if beam else 0.0
                         return rate, used / jobs * 1000, beam_used / jobs * 1000
 
@@ -756,6 +772,7 @@ async def run_streaming(ctx: Context) -> list[Row]:
         workers = [
             sc.worker(env, model, "bench.handlers:stream200", plan.concurrency) for _ in range(2)
         ]
+        await declare_naive_queue(ctx.url, naive_queue)
         naive = [sc.naive_worker(naive_queue, plan.concurrency, STREAM_CHUNKS) for _ in range(2)]
         status.watch += workers
         await status.wait_routable(model, 2)

@@ -19,7 +19,6 @@ printed to stderr as one JSON line with its numeric code), 2 bad usage or config
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import json
 import logging
@@ -27,16 +26,18 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
-from modelfleet import __version__
+from modelfleet import __version__, runtime
 from modelfleet.config import Settings, load_settings
 from modelfleet.errors import BrokerError, ConfigError, JobError
 from modelfleet.errors_admin import add_errors_parser
 from modelfleet.permissions import add_permissions_parser
 
 __all__ = ["main"]
+
+_T = TypeVar("_T")
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
@@ -370,6 +371,11 @@ def _watch_status(base: str, interval: float) -> int:
         return EXIT_OK
 
 
+def _run(settings: Settings, main: Coroutine[Any, Any, _T]) -> _T:
+    """Run a command's coroutine on the event loop ``settings.event_loop`` names."""
+    return runtime.run(main, settings.event_loop)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -380,21 +386,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(settings)
     try:
         if args.command == "controller":
-            return asyncio.run(_run_controller(settings))
+            return _run(settings, _run_controller(settings))
         if args.command == "worker":
-            return asyncio.run(_run_worker(settings, args))
+            return _run(settings, _run_worker(settings, args))
         if args.command == "gateway":
             from modelfleet.gateway import run_gateway
 
             if args.port is not None and not 0 <= args.port <= 65535:
                 raise UsageError("--port must be in 0..65535")
-            return asyncio.run(
+            return _run(
+                settings,
                 run_gateway(
                     settings, host=args.host, port=args.port, controller_url=args.controller_url
-                )
+                ),
             )
         if args.command == "submit":
-            return asyncio.run(_run_submit(settings, args))
+            return _run(settings, _run_submit(settings, args))
         if args.command == "status":
             return _run_status(settings, args)
         if args.command == "loadgen":
@@ -404,24 +411,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError("--rate must be positive")
             if not 0 <= args.stream_share <= 1:
                 raise UsageError("--stream-share must be between 0 and 1")
-            asyncio.run(
+            _run(
+                settings,
                 run_load(
                     settings,
                     model=args.model,
                     rate=args.rate,
                     duration_s=args.duration,
                     stream_share=args.stream_share,
-                )
+                ),
             )
             return EXIT_OK
         if args.command == "demo":
             from modelfleet.demo import run_demo
 
-            return asyncio.run(run_demo(settings, jobs=args.jobs))
+            return _run(settings, run_demo(settings, jobs=args.jobs))
         if args.command == "errors":
             from modelfleet.errors_admin import run_errors
 
-            return asyncio.run(run_errors(settings, args))
+            return _run(settings, run_errors(settings, args))
         if args.command == "permissions":
             from modelfleet.permissions import run_permissions
 

@@ -63,8 +63,9 @@ from modelfleet.messages import (
     check_model_name,
     parse_reply,
 )
+from modelfleet.publishing import job_properties, publish
 from modelfleet.security import declare_where_allowed
-from modelfleet.topology import DEADLINE_HEADER, Names, Topology, json_message
+from modelfleet.topology import DEADLINE_HEADER, Names, Topology
 
 __all__ = ["Client", "JobStream"]
 
@@ -219,20 +220,16 @@ class Client:
     async def _publish(self, model: str, job_id: str, body: bytes, timeout: float) -> None:
         if self._jobs is None:
             raise BrokerError("client is not connected: use 'async with Client(...)'")
-        deadline = time.time() + timeout
-        message = json_message(
-            body,
-            message_id=job_id,
-            correlation_id=job_id,
+        now = time.time()
+        properties = job_properties(
+            job_id,
             reply_to=DIRECT_REPLY_TO,
             # The job's deadline is its time-to-live: nobody runs a job its producer gave up on.
-            expiration=max(timeout, 0.001),
+            ttl_s=timeout,
             # Integer epoch milliseconds: an AMQP table carries a Python float as a 32-bit
             # float, which rounds today's epoch seconds to a multiple of 128.
-            headers={DEADLINE_HEADER: round(deadline * 1000)},
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            timestamp=time.time(),
-            type="job",
+            headers={DEADLINE_HEADER: round((now + timeout) * 1000)},
+            now=now,
         )
         last_error: BaseException | None = None
         try:
@@ -242,7 +239,14 @@ class Client:
                     try:
                         # The jobs exchange has an alternate exchange: an unroutable job is caught
                         # there and answered with NO_WORKER, so `mandatory` is not needed.
-                        await self._jobs.publish(message, routing_key=model, mandatory=False)
+                        assert self._channel is not None
+                        await publish(
+                            self._channel,
+                            body,
+                            properties,
+                            exchange=self.names.jobs,
+                            routing_key=model,
+                        )
                         return
                     except aio_pika.exceptions.DeliveryError:
                         raise

@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 
+from modelfleet.coalesce import CoalescingRobustConnection
 from modelfleet.config import AmqpSettings
 from modelfleet.errors import BrokerError, ConfigError
 from modelfleet.security import ssl_context
@@ -52,8 +53,12 @@ async def connect(
     try:
         # amqps://: TLS with amqp.ca_file / cert_file / key_file (modelfleet.security).
         context = ssl_context(amqp, target)
+        # coalesce_writes: one socket write per event loop turn (modelfleet.coalesce).
+        kind = CoalescingRobustConnection if amqp.coalesce_writes else aio_pika.RobustConnection
         return await asyncio.wait_for(
-            aio_pika.connect_robust(_with_params(target, amqp, name), ssl_context=context),
+            aio_pika.connect_robust(
+                _with_params(target, amqp, name), ssl_context=context, connection_class=kind
+            ),
             timeout=amqp.connect_timeout_s,
         )
     except (TimeoutError, OSError, aio_pika.exceptions.AMQPError, ConfigError) as exc:

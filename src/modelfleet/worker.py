@@ -42,6 +42,7 @@ from aio_pika.abc import (
 from pydantic import BaseModel, ValidationError
 
 from modelfleet import __version__
+from modelfleet.acks import AckBatcher
 from modelfleet.cancel import JobCancelled, JobCanceller
 from modelfleet.config import Settings
 from modelfleet.connections import connect
@@ -57,6 +58,7 @@ from modelfleet.messages import (
     WorkerState,
     check_model_name,
 )
+from modelfleet.publishing import publish, reply_properties
 from modelfleet.security import amqp_user, declare_where_allowed
 from modelfleet.stats import Outcome, WorkerStats
 from modelfleet.topology import (
@@ -190,6 +192,7 @@ class Worker:
             cancel_running=self._kind in (_HandlerKind.ASYNC, _HandlerKind.ASYNC_GEN),
         )
         self._paused = False  # pause(): consumers cancelled, state draining, until resume()
+        self._acks = AckBatcher()  # finished jobs are acked in batches, one per loop turn
 
     # -- figures -------------------------------------------------------------------------
 
@@ -327,6 +330,7 @@ class Worker:
             self._hb_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._hb_task
+        await self._acks.aclose()
         self.state = WorkerState.STOPPING
         await self._send_heartbeat()
         if self._connection is not None:
@@ -416,6 +420,8 @@ class Worker:
     # -- jobs ----------------------------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if message.delivery_tag is not None:
+            self._acks.delivered(message.channel, message.delivery_tag)
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
@@ -624,16 +630,10 @@ class Worker:
         if not message.reply_to or self._channel is None:
             return
         body = reply.model_dump_json().encode()
-        out = json_message(
-            body,
-            correlation_id=message.correlation_id or message.message_id,
-            type=getattr(reply, "kind", "reply"),
+        properties = reply_properties(
+            message.correlation_id or message.message_id, getattr(reply, "kind", "reply")
         )
-        # mandatory=False: RabbitMQ 3.10 both delivers and returns a mandatory reply to a
-        # direct reply-to address, doubling the work.
-        await self._channel.default_exchange.publish(
-            out, routing_key=message.reply_to, mandatory=False
-        )
+        await publish(self._channel, body, properties, exchange="", routing_key=message.reply_to)
 
     async def _fail(
         self, message: AbstractIncomingMessage, model: str, job_id: str, failure: _Failure
@@ -669,13 +669,17 @@ class Worker:
     async def _settle(
         self, message: AbstractIncomingMessage, *, requeue: bool = False, reject: bool = False
     ) -> None:
+        tag = message.delivery_tag
+        if not requeue and not reject and tag is not None:
+            self._acks.ack(message.channel, tag)  # batched: written on the next loop turn
+            return
+        if tag is not None:
+            self._acks.settled(message.channel, tag)
         try:
             if requeue:
                 await message.nack(requeue=True)
-            elif reject:
-                await message.reject(requeue=False)
             else:
-                await message.ack()
+                await message.reject(requeue=False)
         except Exception as exc:
             # The delivery's channel died: the broker has already requeued the job, and an ack
             # on the new channel would be for a delivery tag it never issued.

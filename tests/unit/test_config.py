@@ -59,7 +59,7 @@ def test_settings_toml_top_level_keys_come_first() -> None:
     lines = [line.strip() for line in SETTINGS_TOML.read_text().splitlines()]
     first_section = next(i for i, line in enumerate(lines) if line.startswith("["))
     top = [line.split("=")[0].strip() for line in lines[:first_section] if "=" in line]
-    assert [k for k in top if not k.startswith("#")] == ["namespace", "log_level"]
+    assert [k for k in top if not k.startswith("#")] == ["namespace", "log_level", "event_loop"]
 
 
 def test_settings_toml_comments_every_key() -> None:
