@@ -601,6 +601,12 @@ async def run_e2e(ctx: Context) -> list[Row]:
         "CPU time of client + workers (+ controller for modelfleet) per job, from /proc: "
         "unlike jobs/s it does not depend on how much of the machine other processes take"
     )
+    split_rows = {
+        part: Row("e2e, 64 in flight", f"CPU ms/job, {part}", "ms", floor_name="naive aio-pika RPC")
+        for part in ("producer", "workers")
+    }
+    split_rows["producer"].note = "of which the producer (the bench process: Client or naive)"
+    split_rows["workers"].note = "of which the 2 worker processes"
     broker_row = Row(
         "e2e, 64 in flight", "CPU ms/job, broker", "ms", floor_name="naive aio-pika RPC"
     )
@@ -615,8 +621,9 @@ async def run_e2e(ctx: Context) -> list[Row]:
         await declare_naive_queue(ctx.url, naive_queue)
         naive = [sc.naive_worker(naive_queue, plan.concurrency) for _ in range(2)]
         status.watch += workers
+        # Producer first, then the workers (then modelfleet's controller).
         pids = {
-            "modelfleet": [os.getpid(), sc.procs[0].pid, *(w.pid for w in workers)],
+            "modelfleet": [os.getpid(), *(w.pid for w in workers), sc.procs[0].pid],
             "floor": [os.getpid(), *(w.pid for w in naive)],
         }
         await status.wait_routable(model, 2)
@@ -642,20 +649,19 @@ async def run_e2e(ctx: Context) -> list[Row]:
                 line = []
                 for in_flight, row in rows.items():
 
-                    async def timed(name: str, k: int = in_flight) -> tuple[float, float, float]:
+                    async def timed(name: str, k: int = in_flight) -> tuple[float, ...]:
                         procs = pids[name]
                         before = [cpu_seconds(p) for p in procs]
                         beam_before = cpu_seconds(beam) if beam else 0.0
                         started = time.perf_counter()
                         rate = await closed_loop(calls[name], k, plan.throughput_s / 2)
                         jobs = rate * (time.perf_counter() - started)
-                        after = [cpu_seconds(p) for p in procs]
-                        used = sum(after) - sum(before)
-                        if os.environ.get("BENCH_CPU_SPLIT"):
-                            split = [(a - b) / jobs * 1000 for a, b in zip(after, before)]
-                            say(f"    {name} {k}: " + " ".join(f"{x:.3f}" for x in split))
+                        ms = [
+                            (cpu_seconds(p) - b) / jobs * 1000
+                            for p, b in zip(procs, before, strict=True)
+                        ]
                         beam_used = (cpu_seconds(beam) - beam_before) if beam else 0.0
-                        return rate, used / jobs * 1000, beam_used / jobs * 1000
+                        return rate, sum(ms), beam_used / jobs * 1000, ms[0], ms[1] + ms[2]
 
                     measured = await abba(order, timed)
                     for name, pairs in measured.items():
@@ -670,6 +676,10 @@ async def run_e2e(ctx: Context) -> list[Row]:
                             if beam:
                                 (broker_row.values if mine else broker_row.floor).append(
                                     statistics.fmean(p[2] for p in pairs)
+                                )
+                            for i, split in enumerate(split_rows.values(), start=3):
+                                (split.values if mine else split.floor).append(
+                                    statistics.fmean(p[i] for p in pairs)
                                 )
                     line.append(f"{in_flight}: {row.values[-1]:,.0f} vs {row.floor[-1]:,.0f}")
                 samples = await abba(
@@ -687,7 +697,7 @@ async def run_e2e(ctx: Context) -> list[Row]:
         if beam
         else "the broker is not a local process: not measured"
     )
-    return [*rows.values(), cpu_row, broker_row, *latency.values()]
+    return [*rows.values(), cpu_row, *split_rows.values(), broker_row, *latency.values()]
 
 
 async def run_ceiling(ctx: Context) -> list[Row]:

@@ -89,8 +89,9 @@ class AckBatcher:
                 self._flush_soon(), name="modelfleet-acks"
             )
 
-    async def flush(self) -> None:
-        """Write every pending ack now."""
+    async def flush(self, *, drain: bool = False) -> None:
+        """Hand every pending ack to the connection now; with ``drain``, return only once they
+        are written to the socket (before a connection is closed)."""
         for channel in list(self._finished):
             finished = self._finished.pop(channel)
             running = self._unsettled.get(channel, set()).difference(finished)
@@ -99,10 +100,10 @@ class AckBatcher:
             upto, singles = plan_acks(finished, running)
             try:
                 if upto is not None:
-                    await channel.basic_ack(upto, multiple=True)
+                    await channel.basic_ack(upto, multiple=True, wait=drain)
                     self.frames += 1
                 for tag in singles:
-                    await channel.basic_ack(tag)
+                    await channel.basic_ack(tag, wait=drain)
                     self.frames += 1
                 self.acked += len(finished)
             except Exception as exc:
@@ -114,11 +115,11 @@ class AckBatcher:
                 self._unsettled.pop(channel, None)
 
     async def aclose(self) -> None:
-        """Flush, and wait for a flush already under way."""
+        """Flush and drain (call before closing the connection), after a flush under way."""
         if self._flushing is not None and not self._flushing.done():
             with contextlib.suppress(Exception):
                 await self._flushing
-        await self.flush()
+        await self.flush(drain=True)
 
     async def _flush_soon(self) -> None:
         # Started with create_task: the jobs that finish in this turn of the loop join the
