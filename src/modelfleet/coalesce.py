@@ -34,7 +34,7 @@ class CoalescingWriter:
     """
 
     def __init__(
-        self, writer: asyncio.StreamWriter, *, max_turns: int = 8, max_bytes: int = 128 * 1024
+        self, writer: asyncio.StreamWriter, *, max_turns: int = 32, max_bytes: int = 128 * 1024
     ) -> None:
         self._writer = writer
         self._loop = asyncio.get_running_loop()

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from secrets import token_hex
 from typing import Any, Literal
 
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -76,6 +77,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Job], Any]
 
 _STREAM_END = object()
+# Set-up attempts when the broker closes the connection during it (see Worker.start).
+_START_ATTEMPTS = 5
 # Dead-letter reason of a job whose handler raised a JobError with this code.
 _DEAD_REASON_OF = {
     ErrorCode.OVERLOADED: DeadReason.OVERLOADED,
@@ -246,6 +249,41 @@ class Worker:
         """Connect, declare, start consuming and heartbeating."""
         if self._started:
             return
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            try:
+                await self._open()
+                break
+            except aiormq.exceptions.ConnectionInternalError as exc:
+                # RabbitMQ 3.10 crashes the channel (and closes the connection with
+                # INTERNAL_ERROR) on a basic.consume that reaches a quorum queue another worker
+                # is declaring at this very moment, before its Raft member runs. A moment later
+                # the queue is there: start again.
+                await self._close_connection()
+                if attempt == _START_ATTEMPTS:
+                    raise
+                log.warning(
+                    "worker %s: the broker closed the connection while it set up (%s); "
+                    "trying again (%d/%d)",
+                    self.worker_id,
+                    exc,
+                    attempt,
+                    _START_ATTEMPTS,
+                )
+                await asyncio.sleep(0.2 * attempt)
+        self._started = True
+        await self._send_heartbeat()
+        self._hb_task = asyncio.create_task(self._heartbeat_loop(), name="modelfleet-heartbeat")
+        log.info(
+            "worker %s serving %s (concurrency %d, namespace %s)",
+            self.worker_id,
+            ", ".join(self.models),
+            self.concurrency,
+            self.names.ns,
+        )
+
+    async def _open(self) -> None:
+        """Connect, declare and consume (:meth:`start` without the retries)."""
+        self._queues = []
         self._connection = await connect(self.settings.amqp, role="worker", url=self.url)
         self._channel = await self._connection.channel(publisher_confirms=False)
         # Quorum queues have no global QoS: prefetch is per consumer, the semaphore caps the sum.
@@ -267,16 +305,12 @@ class Worker:
             queue = await self.topology.declare_model_queue(self._channel, model)
             tag = "" if self._paused else await queue.consume(self._on_message)
             self._queues.append((queue, tag))
-        self._started = True
-        await self._send_heartbeat()
-        self._hb_task = asyncio.create_task(self._heartbeat_loop(), name="modelfleet-heartbeat")
-        log.info(
-            "worker %s serving %s (concurrency %d, namespace %s)",
-            self.worker_id,
-            ", ".join(self.models),
-            self.concurrency,
-            self.names.ns,
-        )
+
+    async def _close_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), then stop cleanly."""

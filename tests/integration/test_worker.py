@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
+import aiormq
 import pytest
 
 from modelfleet.client import Client
@@ -470,3 +471,37 @@ async def test_stop_without_grace_hands_the_job_to_another_worker(ns: Namespace)
         assert job.attempt == 2  # the broker counted the first delivery
         assert first.counters["requeued"] == 1
         assert first.counters["ok"] == 0
+
+
+# -- set-up ------------------------------------------------------------------------------------
+
+
+class _FirstSetUpCrashes(Worker):
+    """A worker whose first set-up ends the way RabbitMQ 3.10 ends it when a basic.consume meets
+    a quorum queue another worker is still creating: its connection closed, INTERNAL_ERROR."""
+
+    attempts = 0
+    first: Any = None
+
+    async def _open(self) -> None:
+        type(self).attempts += 1
+        await super()._open()
+        if type(self).attempts == 1:
+            type(self).first = self._connection
+            raise aiormq.exceptions.ConnectionInternalError("INTERNAL_ERROR")
+
+
+async def test_set_up_closed_by_the_broker_is_tried_again(ns: Namespace) -> None:
+    model = ns.model()
+
+    async def handle(job: Job) -> Any:
+        return job.payload
+
+    settings = ns.settings()
+    controller = Controller(settings)
+    async with controller, _FirstSetUpCrashes(handle, [model], settings=settings):
+        assert _FirstSetUpCrashes.attempts == 2
+        assert _FirstSetUpCrashes.first is not None and _FirstSetUpCrashes.first.is_closed
+        await wait_routable(controller, model)
+        async with Client(settings) as client:
+            assert await client.submit(model, {"n": 1}, timeout=5) == {"n": 1}
