@@ -162,7 +162,7 @@ class Target:
 class Row:
     scenario: str
     metric: str
-    unit: str  # "rate", "ms", "s", "MB"
+    unit: str  # "rate", "ms", "s", "MB", "%"
     values: list[float] = field(default_factory=list)  # modelfleet, one per round
     floor: list[float] = field(default_factory=list)  # its floor, one per round
     floor_name: str = ""
@@ -607,6 +607,13 @@ async def run_e2e(ctx: Context) -> list[Row]:
     }
     split_rows["producer"].note = "of which the producer (the bench process: Client or naive)"
     split_rows["workers"].note = "of which the 2 worker processes"
+    busy_row = Row(
+        "e2e, 64 in flight", "CPU busy % of all cores", "%", floor_name="naive aio-pika RPC"
+    )
+    busy_row.note = (
+        "(Python + broker CPU ms/job) x jobs/s over the machine's cores: below 100 the run is "
+        "bound by latency (prefetch credit, round trips), not CPU"
+    )
     broker_row = Row(
         "e2e, 64 in flight", "CPU ms/job, broker", "ms", floor_name="naive aio-pika RPC"
     )
@@ -661,7 +668,9 @@ async def run_e2e(ctx: Context) -> list[Row]:
                             for p, b in zip(procs, before, strict=True)
                         ]
                         beam_used = (cpu_seconds(beam) - beam_before) if beam else 0.0
-                        return rate, sum(ms), beam_used / jobs * 1000, ms[0], ms[1] + ms[2]
+                        beam_ms = beam_used / jobs * 1000
+                        busy = (sum(ms) + beam_ms) * rate / 1000 / (os.cpu_count() or 1) * 100
+                        return rate, sum(ms), beam_ms, ms[0], ms[1] + ms[2], busy
 
                     measured = await abba(order, timed)
                     for name, pairs in measured.items():
@@ -677,6 +686,9 @@ async def run_e2e(ctx: Context) -> list[Row]:
                                 (broker_row.values if mine else broker_row.floor).append(
                                     statistics.fmean(p[2] for p in pairs)
                                 )
+                            (busy_row.values if mine else busy_row.floor).append(
+                                statistics.fmean(p[5] for p in pairs)
+                            )
                             for i, split in enumerate(split_rows.values(), start=3):
                                 (split.values if mine else split.floor).append(
                                     statistics.fmean(p[i] for p in pairs)
@@ -697,7 +709,14 @@ async def run_e2e(ctx: Context) -> list[Row]:
         if beam
         else "the broker is not a local process: not measured"
     )
-    return [*rows.values(), cpu_row, *split_rows.values(), broker_row, *latency.values()]
+    return [
+        *rows.values(),
+        cpu_row,
+        *split_rows.values(),
+        broker_row,
+        busy_row,
+        *latency.values(),
+    ]
 
 
 async def run_ceiling(ctx: Context) -> list[Row]:

@@ -59,10 +59,12 @@ async def publish(
     *,
     exchange: str,
     routing_key: str,
+    flush: bool = False,
 ) -> None:
-    """Publish without waiting for the socket to drain (``mandatory`` off: modelfleet catches
-    unroutable jobs with an alternate exchange, and a mandatory reply to direct reply-to is both
-    delivered and returned by RabbitMQ 3.10)."""
+    """Publish without waiting for the socket to drain, or, with ``flush``, wait until it is
+    written (and so sent at once by a coalescing connection: a stream's first chunk).
+    ``mandatory`` is off: modelfleet catches unroutable jobs with an alternate exchange, and a
+    mandatory reply to direct reply-to is both delivered and returned by RabbitMQ 3.10."""
     underlay = await channel.get_underlay_channel()
     if isinstance(underlay, aiormq.Channel):
         await underlay.basic_publish(
@@ -71,7 +73,7 @@ async def publish(
             routing_key=routing_key,
             properties=properties,
             mandatory=False,
-            wait=False,
+            wait=flush,
         )
     else:  # another implementation of aiormq's channel: its own defaults
         await underlay.basic_publish(

@@ -647,7 +647,8 @@ class Worker:
                 final, has_final = item.value, True
                 break
             if job.stream:
-                await self._reply(message, ChunkReply(seq=seq, data=item))
+                # The first chunk goes out at once: time to first token is what a user waits on.
+                await self._reply(message, ChunkReply(seq=seq, data=item), flush=seq == 0)
                 if seq == 0 and job.sent_at is not None:
                     # Time to first chunk as the producer sees it: from publish, queue included.
                     self.stats.first_chunk(job.model, time.time() - job.sent_at)
@@ -660,14 +661,18 @@ class Worker:
             final = collected
         return final, seq if job.stream else 0
 
-    async def _reply(self, message: AbstractIncomingMessage, reply: BaseModel) -> None:
+    async def _reply(
+        self, message: AbstractIncomingMessage, reply: BaseModel, *, flush: bool = False
+    ) -> None:
         if not message.reply_to or self._channel is None:
             return
         body = reply.model_dump_json().encode()
         properties = reply_properties(
             message.correlation_id or message.message_id, getattr(reply, "kind", "reply")
         )
-        await publish(self._channel, body, properties, exchange="", routing_key=message.reply_to)
+        await publish(
+            self._channel, body, properties, exchange="", routing_key=message.reply_to, flush=flush
+        )
 
     async def _fail(
         self, message: AbstractIncomingMessage, model: str, job_id: str, failure: _Failure

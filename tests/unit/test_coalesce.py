@@ -88,3 +88,20 @@ async def test_drain_sends_at_once_and_close_sends_what_is_left(
     writer.close()
     assert writer.sends == 2
     assert await asyncio.wait_for(reader.read(), 5) == b"onetwo"
+
+
+async def test_max_delay_bounds_how_long_a_write_waits(
+    pair: tuple[asyncio.StreamWriter, asyncio.StreamReader],
+) -> None:
+    raw, reader = pair
+    writer = CoalescingWriter(raw, max_turns=10_000, max_delay_s=0.02)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while writer.sends == 0:  # a write every turn: only the delay bound can end the wait
+        assert loop.time() - started < 5, "never sent"
+        writer.write(b"z")
+        await asyncio.sleep(0)
+    assert loop.time() - started >= 0.02
+    assert writer.writes > 1
+    writer.flush()
+    assert await asyncio.wait_for(reader.readexactly(writer.writes), 5) == b"z" * writer.writes
