@@ -158,6 +158,9 @@ class RoutingSettings(_Section):
 class WorkerSettings(_Section):
     # Jobs one worker runs at once (also its prefetch per model queue).
     concurrency: int = Field(4, ge=1, le=10_000)
+    # Jobs one worker may hold per model queue, running or waiting for a slot; 0 (or below
+    # concurrency) = concurrency. More hides each ack's round trip for millisecond jobs.
+    prefetch: int = Field(0, ge=0, le=65_535)
     # On SIGTERM: how long in-flight jobs may take to finish before they are handed back.
     stop_grace_s: float = Field(30.0, ge=0)
     # A job whose body is larger than this is refused with INVALID_JOB.

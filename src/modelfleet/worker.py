@@ -287,7 +287,11 @@ class Worker:
         self._connection = await connect(self.settings.amqp, role="worker", url=self.url)
         self._channel = await self._connection.channel(publisher_confirms=False)
         # Quorum queues have no global QoS: prefetch is per consumer, the semaphore caps the sum.
-        await self._channel.set_qos(prefetch_count=self.concurrency)
+        # worker.prefetch above concurrency: jobs wait here for a slot instead of for an ack's
+        # round trip to the broker.
+        await self._channel.set_qos(
+            prefetch_count=max(self.concurrency, self.settings.worker.prefetch)
+        )
         self._dead_channel = await self._connection.channel(publisher_confirms=True)
         # A least-privilege worker may not declare the namespace: then it only checks it.
         await declare_where_allowed(

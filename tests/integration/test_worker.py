@@ -170,6 +170,34 @@ async def test_final_ends_the_stream_with_its_value(ns: Namespace, handler: Any)
 # -- concurrency and heartbeats --------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("prefetch", "held"), [(0, 1), (3, 3)])
+async def test_prefetch_holds_jobs_beyond_the_running_ones(
+    ns: Namespace, prefetch: int, held: int
+) -> None:
+    model = ns.model()
+    settings = ns.settings(worker={"prefetch": prefetch})
+    release = asyncio.Event()
+
+    async def handle(job: Job) -> Any:
+        await release.wait()
+        return job.payload
+
+    async with fleet(settings, handle, model, concurrency=1) as f:
+        jobs = [asyncio.create_task(f.client.submit(model, i, timeout=10)) for i in range(4)]
+        await wait_for(lambda: f.worker.in_flight == 1, what="one job running")
+
+        async def queue_holds_the_rest() -> bool:
+            async with broker(ns.amqp_url) as connection:
+                channel = await connection.channel()
+                declared = await channel.declare_queue(ns.names.model_queue(model), passive=True)
+                return declared.declaration_result.message_count == 4 - held
+
+        await wait_for(queue_holds_the_rest, what=f"{4 - held} job(s) left in the queue")
+        assert f.worker.in_flight == 1  # the others wait for the slot, not the handler
+        release.set()
+        assert await asyncio.gather(*jobs) == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("n_models", [1, 2])
 async def test_concurrency_cap_holds_across_models(ns: Namespace, n_models: int) -> None:
     models = [ns.model() for _ in range(n_models)]
