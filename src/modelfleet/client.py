@@ -24,7 +24,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
+import os
+import random
 import time
 from collections.abc import AsyncIterator
 from types import TracebackType
@@ -103,6 +104,9 @@ class Client:
         self._channel: AbstractChannel | None = None
         self._jobs: AbstractExchange | None = None
         self._resuming: set[asyncio.Task[None]] = set()  # reply consumers being set up again
+        # Job ids: 128 random bits from a generator seeded by the OS, without a system call per
+        # job (uuid4 and secrets make one). Ids only need to be unique, not secret.
+        self._ids = random.Random(os.urandom(32))
         self._pending: dict[str, asyncio.Queue[_Reply]] = {}
         # Set while the connection (with its reply consumer) is up; publishes wait for it.
         self._ready = asyncio.Event()
@@ -236,78 +240,79 @@ class Client:
             )
         return data
 
-    async def _publish(self, model: str, job_id: str, body: bytes, timeout: float) -> None:
+    async def _publish(self, job: _Job) -> None:
+        """Publish ``job``, again after each reconnection, until the broker confirms it; the
+        caller bounds this in time (:meth:`_unsent` names the error when time runs out)."""
         if self._jobs is None:
             raise BrokerError("client is not connected: use 'async with Client(...)'")
         now = time.time()
+        remaining = max(job.deadline - time.monotonic(), 0.001)
         properties = job_properties(
-            job_id,
+            job.job_id,
             reply_to=DIRECT_REPLY_TO,
             # The job's deadline is its time-to-live: nobody runs a job its producer gave up on.
-            ttl_s=timeout,
+            ttl_s=remaining,
             # Integer epoch milliseconds: an AMQP table carries a Python float as a 32-bit
             # float, which rounds today's epoch seconds to a multiple of 128.
-            headers={DEADLINE_HEADER: round((now + timeout) * 1000)},
+            headers={DEADLINE_HEADER: round((now + remaining) * 1000)},
             now=now,
         )
-        last_error: BaseException | None = None
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    await self._ready.wait()
-                    try:
-                        # The jobs exchange has an alternate exchange: an unroutable job is caught
-                        # there and answered with NO_WORKER, so `mandatory` is not needed.
-                        assert self._channel is not None
-                        await publish(
-                            self._channel,
-                            body,
-                            properties,
-                            exchange=self.names.jobs,
-                            routing_key=model,
-                        )
-                        return
-                    except aio_pika.exceptions.DeliveryError:
-                        raise
-                    except (
-                        aio_pika.exceptions.AMQPError,
-                        aiormq.exceptions.AMQPError,
-                        # "channel closed" while the robust channel reopens (a RuntimeError)
-                        aiormq.exceptions.ChannelInvalidStateError,
-                        ConnectionError,
-                    ) as exc:
-                        # The channel is down (broker restart, network cut): the robust connection
-                        # is coming back; publish again once it has, within the caller's timeout.
-                        # A publish whose confirm was lost may run twice (at-least-once, same id).
-                        last_error = exc
-                        await asyncio.sleep(_REPUBLISH_PAUSE_S)
-        except TimeoutError:
-            if last_error is not None or not self._ready.is_set():
-                cause = last_error or "reconnecting"
-                raise ConnectionLostError(
-                    f"RabbitMQ stayed unreachable for the job's whole {timeout:g}s "
-                    f"({cause}); the job was not sent",
-                    model=model,
-                    job_id=job_id,
-                ) from None
-            raise JobTimeoutError(
-                f"the broker did not accept the job within {timeout:g}s (is RabbitMQ reachable?)",
-                model=model,
-                job_id=job_id,
-            ) from None
-        except aio_pika.exceptions.DeliveryError as exc:
-            # A nack: the model's queue is full (x-overflow=reject-publish).
-            raise OverloadedError(
-                "the model's queue is full; retry later or add workers",
-                model=model,
-                job_id=job_id,
-            ) from exc
+        while True:
+            await self._ready.wait()
+            try:
+                # The jobs exchange has an alternate exchange: an unroutable job is caught there
+                # and answered with NO_WORKER, so `mandatory` is not needed.
+                assert self._channel is not None
+                await publish(
+                    self._channel,
+                    job.body,
+                    properties,
+                    exchange=self.names.jobs,
+                    routing_key=job.model,
+                )
+                job.sent = True
+                return
+            except aio_pika.exceptions.DeliveryError as exc:
+                # A nack: the model's queue is full (x-overflow=reject-publish).
+                raise OverloadedError(
+                    "the model's queue is full; retry later or add workers",
+                    model=job.model,
+                    job_id=job.job_id,
+                ) from exc
+            except (
+                aio_pika.exceptions.AMQPError,
+                aiormq.exceptions.AMQPError,
+                # "channel closed" while the robust channel reopens (a RuntimeError)
+                aiormq.exceptions.ChannelInvalidStateError,
+                ConnectionError,
+            ) as exc:
+                # The channel is down (broker restart, network cut): the robust connection is
+                # coming back; publish again once it has, within the job's timeout. A publish
+                # whose confirm was lost may run twice (at-least-once, same id).
+                job.last_error = exc
+                await asyncio.sleep(_REPUBLISH_PAUSE_S)
+
+    def _unsent(self, job: _Job) -> JobError:
+        """The error for a job whose time ran out before the broker confirmed it."""
+        if job.last_error is not None or not self._ready.is_set():
+            cause = job.last_error or "reconnecting"
+            return ConnectionLostError(
+                f"RabbitMQ stayed unreachable for the job's whole {job.timeout:g}s "
+                f"({cause}); the job was not sent",
+                model=job.model,
+                job_id=job.job_id,
+            )
+        return JobTimeoutError(
+            f"the broker did not accept the job within {job.timeout:g}s (is RabbitMQ reachable?)",
+            model=job.model,
+            job_id=job.job_id,
+        )
 
     def _start(self, model: str, payload: Any, timeout: float | None, stream: bool) -> _Job:
         timeout = self.timeout if timeout is None else timeout
         if timeout <= 0:
             raise ValueError("timeout must be positive")
-        job_id = secrets.token_hex(16)  # as random as uuid4().hex, a third of its cost
+        job_id = f"{self._ids.getrandbits(128):032x}"
         deadline = time.monotonic() + timeout
         body = self._encode(model, payload, time.time() + timeout, stream)
         queue: asyncio.Queue[_Reply] = asyncio.Queue()
@@ -323,11 +328,7 @@ class Client:
         """
         job = self._start(model, payload, timeout, stream=False)
         try:
-            await job.publish()
-            while True:
-                reply = await job.next_reply()
-                if isinstance(reply, ResultReply):
-                    return reply.result
+            return await job.result()
         finally:
             job.finish()
 
@@ -379,23 +380,51 @@ class _Job:
         self.deadline = deadline
         self.replies = replies
         self.published = False  # (maybe) sent: a publish may be cancelled after the broker took it
+        self.sent = False  # the broker confirmed the publish
+        self.last_error: BaseException | None = None  # why the last publish attempt failed
         self.answered = False  # a final answer (result or error) came
+
+    def _remaining(self) -> float:
+        return max(self.deadline - time.monotonic(), 0)
+
+    def _no_answer(self) -> JobTimeoutError:
+        return JobTimeoutError(
+            f"no answer within {self.timeout:g}s (workers busy, hung or gone)",
+            model=self.model,
+            job_id=self.job_id,
+        )
+
+    async def result(self) -> Any:
+        """Publish, then wait for the result: one timer for both (submit's hot path)."""
+        self.published = True
+        try:
+            async with asyncio.timeout(self._remaining()):
+                await self.client._publish(self)
+                while True:
+                    reply = self._take(await self.replies.get())
+                    if isinstance(reply, ResultReply):
+                        return reply.result
+        except TimeoutError:
+            raise (self._no_answer() if self.sent else self.client._unsent(self)) from None
 
     async def publish(self) -> None:
         self.published = True
-        await self.client._publish(self.model, self.job_id, self.body, self.timeout)
+        try:
+            async with asyncio.timeout(self._remaining()):
+                await self.client._publish(self)
+        except TimeoutError:
+            raise self.client._unsent(self) from None
 
     async def next_reply(self) -> ResultReply | ChunkReply:
-        remaining = self.deadline - time.monotonic()
         try:
-            async with asyncio.timeout(max(remaining, 0)):
+            async with asyncio.timeout(self._remaining()):
                 reply = await self.replies.get()
         except TimeoutError:
-            raise JobTimeoutError(
-                f"no answer within {self.timeout:g}s (workers busy, hung or gone)",
-                model=self.model,
-                job_id=self.job_id,
-            ) from None
+            raise self._no_answer() from None
+        return self._take(reply)
+
+    def _take(self, reply: _Reply) -> ResultReply | ChunkReply:
+        """Note a reply; an error reply raises its error."""
         if isinstance(reply, ErrorReply):
             self.answered = True
             raise error_for_code(reply.code, reply.message, model=self.model, job_id=self.job_id)
