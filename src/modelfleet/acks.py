@@ -7,10 +7,13 @@ turn of the event loop and acks them with as few frames as it can: one ``basic.a
 that finished out of order, above a job still running, are acked one by one.
 
 Nothing is acked earlier than before: a job is handed to the batcher only once its answer (or its
-error copy) has been published, exactly where it used to be acked. The ack waits at most until the
-next turn of the event loop; if the process dies in between, the broker redelivers the job, as it
-would have had the process died just before a single ack. :meth:`AckBatcher.flush` writes what is
-pending; :class:`modelfleet.worker.Worker` calls it before it closes its connection.
+error copy) has been published, exactly where it used to be acked, and the ack frame follows the
+answer on the same connection. The batch is handed to aiormq on the next turn of the event loop
+without waiting for the socket (a coalescing connection then sends it with the frames around it,
+within 5 ms); if the process dies before it is sent, the broker redelivers the job, as it would
+have had the process died just before a single ack. :meth:`AckBatcher.aclose` writes what is
+pending and waits for the socket; :class:`modelfleet.worker.Worker` calls it before it closes its
+connection.
 
 :func:`plan_acks` is the pure part (which frames to send), kept apart from the I/O.
 """
