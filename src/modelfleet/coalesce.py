@@ -1,12 +1,11 @@
-"""One socket write per turn of the event loop for a connection's AMQP frames.
+"""One socket write for the AMQP frames a connection writes over a run of event loop turns.
 
 aiormq writes every frame (a publish, an ack) with its own ``write``, and asyncio sends each at
 once: one ``send`` system call, one TCP segment and one wake-up of the broker's reader per frame.
-:class:`CoalescingWriter` collects what is written during one turn of the event loop and sends
-it as one buffer at the start of the next, so the jobs, replies and acks of one turn travel
-together. A frame waits at most until the loop next runs its ready callbacks; ``drain``,
-``close`` and ``write_eof`` send what is collected first, so aiormq's ordering and flow
-control are unchanged.
+:class:`CoalescingWriter` collects the writes and sends them as one buffer, so the jobs, replies
+and acks of a busy moment travel together (see the class for when it sends). ``drain``,
+``close`` and ``write_eof`` send what is collected first, so aiormq's ordering and flow control
+are unchanged.
 
 It is plugged in through aiormq's own hook, a ``TransportFactory``, which
 :class:`CoalescingRobustConnection` hands to aiormq (aio-pika does not forward that argument).
@@ -50,10 +49,10 @@ class CoalescingWriter:
         self._turns = 0
         self._idle = 0  # turns in a row without a write, up to 1
         self._more = False  # written to since the send was scheduled or last put off
-        self.max_turns = max_turns
-        self.max_delay_s = max_delay_s
         self._since = 0.0  # loop time of the oldest write collected
+        self.max_turns = max_turns
         self.max_bytes = max_bytes
+        self.max_delay_s = max_delay_s
         self.writes = 0  # write() calls, for tests and benchmarks
         self.sends = 0  # buffers handed to the transport
 
