@@ -518,7 +518,12 @@ class Worker:
             )
         headers = message.headers or {}
         count = headers.get("x-delivery-count")
-        attempt = int(count) + 1 if isinstance(count, int) else (2 if message.redelivered else 1)
+        # A first delivery is attempt 1 whatever its headers say: a producer can set
+        # x-delivery-count itself, and the broker only overwrites it on a redelivery.
+        if not message.redelivered:
+            attempt = 1
+        else:
+            attempt = int(count) + 1 if isinstance(count, int) and count > 0 else 2
         return Job(
             job_id=job_id,
             model=request.model,
@@ -565,7 +570,20 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("worker %s: handler failed on job %s (%s)", self.worker_id, job_id, model)
+            # The traceback once a minute per exception type and model: a handler that fails on
+            # every job must not flood the log (each failure is counted and dead-lettered).
+            key = f"raised:{type(exc).__name__}:{model}"
+            now = time.monotonic()
+            logged = self._logged_causes.get(key)
+            if logged is None or now - logged >= LOG_CAUSE_EVERY_S:
+                self._logged_causes[key] = now
+                log.exception(
+                    "worker %s: handler failed on job %s (%s); the traceback is logged at most "
+                    "once a minute per exception type and model",
+                    self.worker_id,
+                    job_id,
+                    model,
+                )
             text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             failure = _Failure(
                 ErrorCode.WORKER_ERROR, DeadReason.WORKER_ERROR, f"handler raised {text}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -499,6 +500,42 @@ async def test_stop_without_grace_hands_the_job_to_another_worker(ns: Namespace)
         assert job.attempt == 2  # the broker counted the first delivery
         assert first.counters["requeued"] == 1
         assert first.counters["ok"] == 0
+
+
+async def test_a_forged_delivery_count_does_not_make_a_first_delivery_a_retry(
+    ns: Namespace, amqp_url: str
+) -> None:
+    model = ns.model()
+    seen: list[Job] = []
+
+    async def handle(job: Job) -> Any:
+        seen.append(job)
+        return job.payload
+
+    async with broker(amqp_url) as connection, fleet(ns.settings(), handle, model) as f:
+        producer = await RawProducer.open(connection, topology_of(ns))
+        body = json.dumps({"v": 1, "model": model, "payload": "x"}).encode()
+        job_id = await producer.publish(body, model=model, headers={"x-delivery-count": 7})
+        reply = await producer.reply(job_id)
+        assert not isinstance(reply, ErrorReply)
+        [job] = seen
+        assert job.attempt == 1
+        assert f.worker.counters["ok"] == 1
+
+
+async def test_a_failing_handler_logs_its_traceback_once_not_per_job(
+    ns: Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = ns.model()
+    caplog.set_level(logging.ERROR, logger="modelfleet.worker")
+    async with fleet(ns.settings(), _raise_async, model) as f:
+        for _ in range(3):
+            with pytest.raises(WorkerError):
+                await f.client.submit(model, "boom", timeout=5)
+        assert f.worker.counters["worker_error"] == 3
+    tracebacks = [r for r in caplog.records if r.name == "modelfleet.worker" and r.exc_info]
+    assert len(tracebacks) == 1
+    assert "kaboom 1234" in caplog.text
 
 
 # -- set-up ------------------------------------------------------------------------------------
