@@ -481,10 +481,20 @@ class Scenario:
         args += ["--concurrency", str(concurrency)]
         return self.spawn("worker", args, env)
 
-    def naive_worker(self, queue: str, prefetch: int, chunks: int = 0) -> subprocess.Popen[bytes]:
+    async def naive_workers(
+        self, queue: str, prefetch: int, chunks: int = 0, count: int = 2
+    ) -> list[subprocess.Popen[bytes]]:
+        """``count`` naive workers on ``queue``, declared here first: two workers declaring a
+        new quorum queue at once can catch it before its leader is elected, and RabbitMQ 3.10
+        then closes the connection with INTERNAL_ERROR."""
+        connection = await aio_pika.connect(self.ctx.url)
+        try:
+            await declare_queue(await connection.channel(), queue)
+        finally:
+            await connection.close()
         args = ["-m", "bench.naive", "--url", self.ctx.url, "--queue", queue]
         args += ["--prefetch", str(prefetch), "--chunks", str(chunks)]
-        return self.spawn("naive", args, {})
+        return [self.spawn("naive", args, {}) for _ in range(count)]
 
     async def close(self) -> None:
         if self.status is not None:
@@ -504,17 +514,6 @@ async def scenario(ctx: Context, key: str) -> AsyncIterator[Scenario]:
         yield sc
     finally:
         await sc.close()
-
-
-async def declare_naive_queue(url: str, queue: str) -> None:
-    """Declare the naive RPC's quorum queue before its workers start: two workers declaring a
-    new quorum queue at once can catch it before its leader is elected, and RabbitMQ 3.10 then
-    closes the connection with INTERNAL_ERROR."""
-    connection = await aio_pika.connect(url)
-    try:
-        await declare_queue(await connection.channel(), queue)
-    finally:
-        await connection.close()
 
 
 async def wait_consumers(url: str, queue: str, count: int, procs: list[Any]) -> None:
@@ -625,8 +624,7 @@ async def run_e2e(ctx: Context) -> list[Row]:
         workers = [
             sc.worker(env, model, "modelfleet.handlers:echo", plan.concurrency) for _ in range(2)
         ]
-        await declare_naive_queue(ctx.url, naive_queue)
-        naive = [sc.naive_worker(naive_queue, plan.concurrency) for _ in range(2)]
+        naive = await sc.naive_workers(naive_queue, plan.concurrency)
         status.watch += workers
         # Producer first, then the workers (then modelfleet's controller).
         pids = {
@@ -801,8 +799,7 @@ async def run_streaming(ctx: Context) -> list[Row]:
         workers = [
             sc.worker(env, model, "bench.handlers:stream200", plan.concurrency) for _ in range(2)
         ]
-        await declare_naive_queue(ctx.url, naive_queue)
-        naive = [sc.naive_worker(naive_queue, plan.concurrency, STREAM_CHUNKS) for _ in range(2)]
+        naive = await sc.naive_workers(naive_queue, plan.concurrency, STREAM_CHUNKS)
         status.watch += workers
         await status.wait_routable(model, 2)
         await wait_consumers(ctx.url, naive_queue, 2, naive)

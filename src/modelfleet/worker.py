@@ -270,6 +270,9 @@ class Worker:
                     _START_ATTEMPTS,
                 )
                 await asyncio.sleep(0.2 * attempt)
+            except BaseException:
+                await self._close_connection()  # a failed start leaves nothing open
+                raise
         self._started = True
         await self._send_heartbeat()
         self._hb_task = asyncio.create_task(self._heartbeat_loop(), name="modelfleet-heartbeat")
@@ -371,9 +374,7 @@ class Worker:
         await self._acks.aclose()
         self.state = WorkerState.STOPPING
         await self._send_heartbeat()
-        if self._connection is not None:
-            with contextlib.suppress(Exception):
-                await self._connection.close()
+        await self._close_connection()
         log.info("worker %s stopped", self.worker_id)
 
     async def pause(self) -> None:
@@ -572,11 +573,7 @@ class Worker:
         except Exception as exc:
             # The traceback once a minute per exception type and model: a handler that fails on
             # every job must not flood the log (each failure is counted and dead-lettered).
-            key = f"raised:{type(exc).__name__}:{model}"
-            now = time.monotonic()
-            logged = self._logged_causes.get(key)
-            if logged is None or now - logged >= LOG_CAUSE_EVERY_S:
-                self._logged_causes[key] = now
+            if self._time_to_log(f"raised:{type(exc).__name__}:{model}"):
                 log.exception(
                     "worker %s: handler failed on job %s (%s); the traceback is logged at most "
                     "once a minute per exception type and model",
@@ -696,14 +693,21 @@ class Worker:
             self._channel, body, properties, exchange="", routing_key=message.reply_to, flush=flush
         )
 
+    def _time_to_log(self, cause: str) -> bool:
+        """True at most once every LOG_CAUSE_EVERY_S per ``cause``: a fault that hits every job
+        is logged, not repeated per job (each job is still counted and dead-lettered)."""
+        now = time.monotonic()
+        logged = self._logged_causes.get(cause)
+        if logged is not None and now - logged < LOG_CAUSE_EVERY_S:
+            return False
+        self._logged_causes[cause] = now
+        return True
+
     async def _fail(
         self, message: AbstractIncomingMessage, model: str, job_id: str, failure: _Failure
     ) -> None:
         """Error reply to the producer, copy to the error queue with the reason, then ack."""
-        now = time.monotonic()
-        logged = self._logged_causes.get(failure.cause)
-        if logged is None or now - logged >= LOG_CAUSE_EVERY_S:
-            self._logged_causes[failure.cause] = now
+        if self._time_to_log(failure.cause):
             log.warning(
                 "job %s (%s) failed: %s (%s): %s (logged at most once a minute per cause)",
                 job_id,
