@@ -24,6 +24,7 @@ from modelfleet.errors import (
     ModelfleetError,
     NoWorkerError,
     OverloadedError,
+    StreamRestartedError,
     WorkerError,
 )
 from modelfleet.jobs import Final, Job
@@ -48,6 +49,7 @@ __all__ = [
     "NoWorkerError",
     "OverloadedError",
     "Settings",
+    "StreamRestartedError",
     "Worker",
     "WorkerError",
     "__version__",

@@ -12,6 +12,8 @@ The hierarchy::
         ├── OverloadedError    42903  the model's queue is full
         ├── ExpiredError       50007  the job's deadline passed while it waited
         ├── ConnectionLostError 50008 the broker connection dropped before the answer came
+        ├── StreamRestartedError 50009 a stream's job restarted on another worker after
+        │                      chunks were already received (they cannot be taken back)
         ├── JobCancelledError  49900  the producer cancelled the job (Client.cancel)
         └── InvalidJobError    40001  the job could not be understood
             └── InvalidModelError 40301  the model name is not acceptable
@@ -38,6 +40,7 @@ __all__ = [
     "ModelfleetError",
     "NoWorkerError",
     "OverloadedError",
+    "StreamRestartedError",
     "WorkerError",
     "error_for_code",
 ]
@@ -52,6 +55,9 @@ class ErrorCode(IntEnum):
     WORKER_TIMEOUT = 50006  # FastChat CONTROLLER_WORKER_TIMEOUT
     EXPIRED = 50007  # modelfleet: deadline passed in the queue (FastChat has no such state)
     CONNECTION_LOST = 50008  # modelfleet: the reply path died with the producer's connection
+    # modelfleet: a streamed job restarted on another worker (its first worker died) after the
+    # caller had received chunks of the first attempt; the chunks cannot be spliced.
+    STREAM_RESTARTED = 50009
     CANCELLED = 49900  # modelfleet: the producer cancelled the job (like nginx's 499)
 
 
@@ -118,6 +124,15 @@ class ConnectionLostError(JobError):
     code = ErrorCode.CONNECTION_LOST
 
 
+class StreamRestartedError(JobError):
+    """A streamed job was redelivered to another worker (the first one died or lost its
+    connection) after chunks of the first attempt had reached the caller. The new attempt may
+    produce a different text, so modelfleet never splices the two: the stream ends with this
+    error and the new attempt is cancelled. Retry the job if you want a whole answer."""
+
+    code = ErrorCode.STREAM_RESTARTED
+
+
 class JobCancelledError(JobError):
     """The producer cancelled the job (:meth:`Client.cancel`) before its answer came."""
 
@@ -141,6 +156,7 @@ _BY_CODE: dict[int, type[JobError]] = {
         OverloadedError,
         ExpiredError,
         ConnectionLostError,
+        StreamRestartedError,
         JobCancelledError,
         InvalidJobError,
         InvalidModelError,

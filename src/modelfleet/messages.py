@@ -108,6 +108,9 @@ class Heartbeat(_Message):
     sent_at: float = Field(allow_inf_nan=False)
     interval_s: float = Field(gt=0, allow_inf_nan=False)
     seq: int = Field(0, ge=0)
+    # Wall-clock start time of this worker process (epoch seconds): a worker restarted with the
+    # same worker_id starts its seq at 1 again, and (started_at, seq) orders its heartbeats.
+    started_at: float = Field(0.0, ge=0, allow_inf_nan=False)
     counters: JobCounters = JobCounters()
     # Cumulative per-model job figures (see modelfleet.stats); the controller sums the fleet's.
     stats: dict[str, ModelStats] = Field(default_factory=dict)
@@ -141,6 +144,9 @@ class JobRequest(_Message):
     stream: bool = False
     # Wall-clock publish time (epoch seconds), for the queue-wait and first-chunk histograms.
     sent_at: float | None = Field(None, allow_inf_nan=False)
+    # SHA-256 (hex) of the secret cancel key only the producer knows: a cancel message for this
+    # job is obeyed only if it carries that key (modelfleet.cancel). None: not cancellable.
+    cancel_digest: str | None = Field(None, min_length=64, max_length=64)
 
     @field_validator("model")
     @classmethod
@@ -157,6 +163,8 @@ class ResultReply(_Message):
     worker_id: str = ""
     duration_s: float = 0.0
     chunks: int = 0
+    # The delivery (attempt) that produced this answer; see ChunkReply.attempt_id.
+    attempt_id: str = Field("", max_length=64)
 
 
 class ChunkReply(_Message):
@@ -167,6 +175,9 @@ class ChunkReply(_Message):
     v: Literal[1] = SCHEMA_VERSION
     seq: int = Field(ge=0)
     data: Any = None
+    # A token the worker draws for each delivery of the job: a job redelivered after its worker
+    # died starts again at seq 0 under a new token, so the client never splices two attempts.
+    attempt_id: str = Field("", max_length=64)
 
 
 class ErrorReply(_Message):

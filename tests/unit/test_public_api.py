@@ -25,6 +25,7 @@ PUBLIC = [
     "NoWorkerError",
     "OverloadedError",
     "Settings",
+    "StreamRestartedError",
     "Worker",
     "WorkerError",
     "__version__",
