@@ -3,7 +3,8 @@ job if it has not started it, or cancels its handler if it is running, and frees
 
 The path is one fanout exchange, ``{ns}.control`` (see :mod:`modelfleet.topology`). Each worker
 binds a queue of its own to it (auto-delete, short TTL, capped) and consumes messages
-``{"cancel": job_id, "deadline": epoch_s}``. The producer side is :class:`CancelPublisher`, used by
+``{"cancel": job_id, "key": cancel_key, "deadline": epoch_s}``. The producer side is
+:class:`CancelPublisher`, used by
 :class:`modelfleet.Client`: it publishes when :meth:`Client.cancel` is called and whenever a job is
 abandoned before its answer (a ``submit`` task cancelled, a ``JobStream`` closed or broken out of,
 an HTTP client of the gateway gone). The worker side is :class:`JobCanceller`:
@@ -13,6 +14,15 @@ an HTTP client of the gateway gone). The worker side is :class:`JobCanceller`:
   that reaches a worker later is acked without running (counted as ``cancelled``);
 * it cancels the task of a running job whose handler is a coroutine or an async generator; the
   worker then acks the job and the slot is free at once.
+
+**Only a job's producer can cancel it.** Anyone who may publish to ``{ns}.control`` can send a
+cancel, and a job id is no secret (it travels in every message of the job). So each job carries
+``cancel_digest``, the SHA-256 of a key only its producer knows (:func:`cancel_key`: a keyed
+BLAKE2b of the job id under a secret drawn once per :class:`~modelfleet.Client`, so no system
+call per job), and a cancel is obeyed only if it carries a key whose SHA-256 is that digest
+(:func:`key_matches`): at once for a running job, on arrival for a job that comes later (the key
+is remembered with the id). A cancel without a valid key is ignored and counted
+(:attr:`JobCanceller.refused`); a job without a digest cannot be cancelled by a message.
 
 A handler running in a thread (a plain function or generator) cannot be interrupted: it runs to
 its end, its answer is dropped by the producer, and only jobs it has not started are skipped.
@@ -26,6 +36,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -33,7 +45,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from secrets import token_hex
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import aio_pika
 import aiormq
@@ -49,13 +61,18 @@ from modelfleet.jobs import Job
 from modelfleet.topology import Topology, json_message
 
 __all__ = [
+    "MAX_KEYS_PER_JOB",
     "MAX_REMEMBERED",
     "MAX_REMEMBER_S",
     "CancelPublisher",
+    "CancelRequest",
     "CancelledJobs",
     "JobCancelled",
     "JobCanceller",
     "cancel_body",
+    "cancel_digest",
+    "cancel_key",
+    "key_matches",
     "parse_cancel",
 ]
 
@@ -67,11 +84,18 @@ T = TypeVar("T")
 MAX_REMEMBERED = 100_000
 # ... each for at most this long (a cancel without a deadline is kept this long).
 MAX_REMEMBER_S = 3600.0
+# Keys remembered per cancelled job id (the newest): a job that has not reached a worker yet
+# cannot tell a forged key from its producer's, so a few are kept; more is someone flooding.
+MAX_KEYS_PER_JOB = 4
 # A cancel is sent in the background; closing a client waits this long for the last ones.
 CLOSE_WAIT_S = 1.0
 # One publish of a cancel may take this long (a broker outage must not pile up tasks forever).
 PUBLISH_TIMEOUT_S = 5.0
 _MAX_BODY = 1024
+# Digests of jobs between check() and the end of run(); beyond this, those not running are
+# dropped (a job that passed check() but never ran).
+_MAX_DIGESTS = 10_000
+_MAX_KEY = 128
 
 
 class JobCancelled(Exception):
@@ -83,16 +107,45 @@ class JobCancelled(Exception):
         self.started = started
 
 
-def cancel_body(job_id: str, deadline: float | None = None) -> bytes:
-    """The control message that cancels ``job_id`` (``deadline``: the job's, epoch seconds)."""
+def cancel_key(secret: bytes, job_id: str) -> str:
+    """The key that cancels ``job_id``: only who holds ``secret`` (its producer) can make it."""
+    return hashlib.blake2b(job_id.encode(), key=secret, digest_size=16).hexdigest()
+
+
+def cancel_digest(key: str) -> str:
+    """What a job carries (``JobRequest.cancel_digest``): SHA-256 hex of its cancel key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_matches(key: str, digest: str | None) -> bool:
+    """Does ``key`` cancel a job that carries ``digest``? Never for a job without one."""
+    if not digest or not key:
+        return False
+    return hmac.compare_digest(cancel_digest(key), digest)
+
+
+class CancelRequest(NamedTuple):
+    """A parsed control message."""
+
+    job_id: str
+    deadline: float | None
+    key: str
+
+
+def cancel_body(job_id: str, deadline: float | None = None, key: str = "") -> bytes:
+    """The control message that cancels ``job_id`` (``deadline``: the job's, epoch seconds;
+    ``key``: :func:`cancel_key` of the job, without which no worker obeys it)."""
     body: dict[str, Any] = {"cancel": job_id}
+    if key:
+        body["key"] = key
     if deadline is not None and math.isfinite(deadline):
         body["deadline"] = deadline
     return json.dumps(body).encode()
 
 
-def parse_cancel(body: bytes) -> tuple[str, float | None] | None:
-    """``(job_id, deadline)`` from a control message, or None if it is not a valid cancel."""
+def parse_cancel(body: bytes) -> CancelRequest | None:
+    """The cancel in a control message, or None if it is not a valid one (a missing or
+    malformed key parses as "": such a cancel is then refused, and counted, by the worker)."""
     if len(body) > _MAX_BODY:
         return None
     try:
@@ -104,19 +157,23 @@ def parse_cancel(body: bytes) -> tuple[str, float | None] | None:
     job_id = data.get("cancel")
     if not isinstance(job_id, str) or not job_id or len(job_id) > 256:
         return None
+    key = data.get("key")
+    if not isinstance(key, str) or len(key) > _MAX_KEY:
+        key = ""
     deadline = data.get("deadline")
     if isinstance(deadline, bool) or not isinstance(deadline, (int, float)):
-        return job_id, None
-    return job_id, float(deadline) if math.isfinite(deadline) else None
+        return CancelRequest(job_id, None, key)
+    return CancelRequest(job_id, float(deadline) if math.isfinite(deadline) else None, key)
 
 
 class CancelledJobs:
-    """Job ids cancelled recently: bounded in count and in time (pure; clock injected).
+    """Job ids cancelled recently, each with the keys its cancels carried: bounded in count
+    (ids, and :data:`MAX_KEYS_PER_JOB` keys per id) and in time (pure; clock injected).
 
     >>> jobs = CancelledJobs(max_ids=2, max_keep_s=60)
-    >>> jobs.add("a", keep_s=10, now=0.0)
-    >>> "a" in jobs.snapshot(now=5.0), "a" in jobs.snapshot(now=11.0)
-    (True, False)
+    >>> jobs.add("a", keep_s=10, now=0.0, key="k")
+    >>> jobs.keys("a", now=5.0), jobs.keys("a", now=11.0)
+    (('k',), ())
     """
 
     def __init__(
@@ -124,33 +181,43 @@ class CancelledJobs:
     ) -> None:
         self.max_ids = max_ids
         self.max_keep_s = max_keep_s
-        self._until: OrderedDict[str, float] = OrderedDict()  # job id -> forget after (monotonic)
+        # job id -> (forget after (monotonic), keys newest last)
+        self._until: OrderedDict[str, tuple[float, tuple[str, ...]]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._until)
 
-    def add(self, job_id: str, *, keep_s: float | None, now: float) -> None:
+    def add(self, job_id: str, *, keep_s: float | None, now: float, key: str = "") -> None:
         keep = self.max_keep_s if keep_s is None else min(max(keep_s, 0.0), self.max_keep_s)
-        self._until.pop(job_id, None)
-        self._until[job_id] = now + keep
+        _, keys = self._until.pop(job_id, (0.0, ()))
+        if key and key not in keys:
+            keys = (*keys, key)[-MAX_KEYS_PER_JOB:]
+        self._until[job_id] = (now + keep, keys)
         self.purge(now)
         while len(self._until) > self.max_ids:
             self._until.popitem(last=False)
 
     def contains(self, job_id: str, *, now: float) -> bool:
-        until = self._until.get(job_id)
-        return until is not None and until >= now
+        entry = self._until.get(job_id)
+        return entry is not None and entry[0] >= now
+
+    def keys(self, job_id: str, *, now: float) -> tuple[str, ...]:
+        """The keys of the cancels received for ``job_id`` (none: not cancelled, or forgotten)."""
+        entry = self._until.get(job_id)
+        if entry is None or entry[0] < now:
+            return ()
+        return entry[1]
 
     def purge(self, now: float) -> None:
         """Forget expired ids (insertion order is close to expiry order: stop at a live one)."""
         while self._until:
-            job_id, until = next(iter(self._until.items()))
+            job_id, (until, _) = next(iter(self._until.items()))
             if until >= now:
                 return
             del self._until[job_id]
 
     def snapshot(self, *, now: float) -> set[str]:
-        return {job_id for job_id, until in self._until.items() if until >= now}
+        return {job_id for job_id, (until, _) in self._until.items() if until >= now}
 
 
 async def _plain_channel(
@@ -196,6 +263,9 @@ async def _control_exchange_exists(connection: AbstractConnection, topology: Top
 class JobCanceller:
     """The worker's side: which jobs are cancelled, and the tasks of the running ones.
 
+    A cancel is obeyed only with the job's key (see the module docstring); :attr:`refused`
+    counts those that were not (no key, a wrong one, a job without a digest).
+
     Args:
         instance: names the worker's control queue (``{ns}.control.{instance}-{random}``).
         cancel_running: cancel the task of a running job (False for thread handlers, which
@@ -216,8 +286,14 @@ class JobCanceller:
         self.clock = clock
         self.memory = memory or CancelledJobs()
         self.listening = False
-        self._running: dict[str, asyncio.Task[Any]] = {}
-        self._requested: set[str] = set()
+        self.refused = 0  # cancels ignored for want of the job's key
+        # Job id -> the tasks running it here: more than one when a job is delivered again
+        # while its first delivery still runs (a cancel stops them all).
+        self._running: dict[str, list[asyncio.Task[Any]]] = {}
+        # The digest of each job that passed check() and may be running: run() gets only the
+        # job id, and a cancel for a running job is checked against this.
+        self._digests: dict[str, str] = {}
+        self._requested: set[asyncio.Task[Any]] = set()
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None  # a strong reference: the robust channel
         # restores only what it still holds
@@ -225,22 +301,45 @@ class JobCanceller:
     # -- decisions ---------------------------------------------------------------------
 
     def is_cancelled(self, job_id: str) -> bool:
+        """A cancel (valid or not: the key is checked against the job) came for ``job_id``."""
         return self.memory.contains(job_id, now=self.clock())
 
     def check(self, job: Job) -> None:
-        """Raise :class:`JobCancelled` if ``job`` was cancelled before it started."""
-        if self.is_cancelled(job.job_id):
-            raise JobCancelled(job.job_id, started=False)
+        """Raise :class:`JobCancelled` if ``job`` was cancelled by its producer before it
+        started (a remembered cancel carrying the job's key)."""
+        digest = job.cancel_digest
+        keys = self.memory.keys(job.job_id, now=self.clock())
+        if keys:
+            if any(key_matches(key, digest) for key in keys):
+                if job.job_id not in self._running:
+                    self._digests.pop(job.job_id, None)
+                raise JobCancelled(job.job_id, started=False)
+            self.refused += 1
+        if digest:
+            if len(self._digests) >= _MAX_DIGESTS:
+                # Jobs that passed check() and never ran (expired at once): forget them.
+                for stale in [j for j in self._digests if j not in self._running]:
+                    del self._digests[stale]
+            self._digests[job.job_id] = digest
 
-    def cancel(self, job_id: str, deadline: float | None = None) -> bool:
-        """Remember ``job_id`` as cancelled and stop it if it runs here; True if it ran."""
+    def cancel(self, job_id: str, deadline: float | None = None, key: str = "") -> bool:
+        """Remember the cancel of ``job_id`` (with its ``key``, checked when the job arrives)
+        and stop the job if it runs here and ``key`` is its key; True if it was stopped."""
         keep = None if deadline is None else deadline - time.time() + 1.0
-        self.memory.add(job_id, keep_s=keep, now=self.clock())
-        task = self._running.get(job_id)
-        if task is None or task.done() or job_id in self._requested:
+        self.memory.add(job_id, keep_s=keep, now=self.clock(), key=key)
+        tasks = [
+            task
+            for task in self._running.get(job_id, ())
+            if not task.done() and task not in self._requested
+        ]
+        if not tasks:
             return False
-        self._requested.add(job_id)
-        task.cancel(f"job {job_id} cancelled by its producer")
+        if not key_matches(key, self._digests.get(job_id)):
+            self.refused += 1
+            return False
+        for task in tasks:
+            self._requested.add(task)
+            task.cancel(f"job {job_id} cancelled by its producer")
         return True
 
     async def run(self, job_id: str, awaitable: Awaitable[T]) -> T:
@@ -248,22 +347,30 @@ class JobCanceller:
         :class:`JobCancelled`. Any other cancellation (stop grace) propagates unchanged."""
         task = asyncio.current_task()
         if task is None or not self.cancel_running:
-            return await awaitable
-        self._running[job_id] = task
+            try:
+                return await awaitable
+            finally:
+                if job_id not in self._running:
+                    self._digests.pop(job_id, None)
+        running = self._running.setdefault(job_id, [])
+        running.append(task)
         try:
             result = await awaitable
         except asyncio.CancelledError:
-            if job_id in self._requested:
-                self._requested.discard(job_id)
+            if task in self._requested:
+                self._requested.discard(task)
                 if task.uncancel() == 0:  # ours alone (not also the worker's stop grace)
                     raise JobCancelled(job_id, started=True) from None
             raise
         finally:
-            self._running.pop(job_id, None)
-        if job_id in self._requested:
+            running.remove(task)
+            if not running:
+                del self._running[job_id]
+                self._digests.pop(job_id, None)
+        if task in self._requested:
             # The handler swallowed the cancellation and returned: undo our request so later
             # awaits of this task (the reply, the ack) are not cancelled.
-            self._requested.discard(job_id)
+            self._requested.discard(task)
             task.uncancel()
         return result
 
@@ -295,8 +402,8 @@ class JobCanceller:
         parsed = parse_cancel(message.body)
         if parsed is None:
             return
-        job_id, deadline = parsed
-        if self.cancel(job_id, deadline):
+        job_id, deadline, key = parsed
+        if self.cancel(job_id, deadline, key):
             log.info("job %s cancelled by its producer: stopping its handler", job_id)
 
 
@@ -328,24 +435,25 @@ class CancelPublisher:
             publisher.enabled = False
         return publisher
 
-    def send(self, job_id: str, deadline: float | None = None) -> None:
-        """Publish a cancel for ``job_id`` in the background (never blocks, never raises)."""
+    def send(self, job_id: str, deadline: float | None = None, key: str = "") -> None:
+        """Publish a cancel for ``job_id`` (with its ``key``: :func:`cancel_key`) in the
+        background (never blocks, never raises)."""
         if not self.enabled:
             return
         task = asyncio.get_running_loop().create_task(
-            self._publish(job_id, deadline), name=f"modelfleet-cancel-{job_id}"
+            self._publish(job_id, deadline, key), name=f"modelfleet-cancel-{job_id}"
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def publish(self, job_id: str, deadline: float | None = None) -> None:
+    async def publish(self, job_id: str, deadline: float | None = None, key: str = "") -> None:
         """Publish a cancel for ``job_id`` now (bounded by :data:`PUBLISH_TIMEOUT_S`)."""
         if self.enabled:
-            await self._publish(job_id, deadline)
+            await self._publish(job_id, deadline, key)
 
-    async def _publish(self, job_id: str, deadline: float | None) -> None:
+    async def _publish(self, job_id: str, deadline: float | None, key: str) -> None:
         message = json_message(
-            cancel_body(job_id, deadline),
+            cancel_body(job_id, deadline, key),
             type="cancel",
             expiration=PUBLISH_TIMEOUT_S * 12,  # a cancel older than a minute is worthless
         )

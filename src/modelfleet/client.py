@@ -15,7 +15,20 @@ producer gave up is never run later.
 A job abandoned before its answer — :meth:`Client.cancel`, a ``submit`` task cancelled, a
 :class:`JobStream` closed (``async with``, :meth:`JobStream.aclose`) or broken out of — is
 cancelled on the workers too (see :mod:`modelfleet.cancel`): not started if still queued, its
-handler stopped if running.
+handler stopped if running. Only this client can cancel its jobs: each carries the digest of a
+key derived from a secret of this client.
+
+Faults (README, failure behaviour):
+
+* The channel closed (a channel error, or the connection lost): jobs the broker had confirmed
+  fail at once with ``CONNECTION_LOST`` (their answers would come back on the dead channel);
+  jobs not confirmed yet are published again once the channel is back, within their timeout.
+  The client re-arms itself after the robust channel reopens, whatever closed it.
+* The jobs exchange does not exist (deleted): the job fails at once with ``NO_WORKER`` naming
+  the exchange; the client serves again as soon as it exists.
+* A stream whose job restarted on another worker after chunks reached the caller ends with
+  :class:`~modelfleet.errors.StreamRestartedError` (50009) and the new attempt is cancelled:
+  the chunks of two attempts are never spliced.
 """
 
 from __future__ import annotations
@@ -27,20 +40,17 @@ import logging
 import os
 import random
 import time
+import weakref
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractExchange,
-    AbstractRobustConnection,
-)
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from pydantic import ValidationError
 
-from modelfleet.cancel import CancelPublisher
+from modelfleet.cancel import CancelPublisher, cancel_digest, cancel_key
 from modelfleet.config import Settings
 from modelfleet.connections import connect
 from modelfleet.errors import (
@@ -51,7 +61,9 @@ from modelfleet.errors import (
     InvalidModelError,
     JobError,
     JobTimeoutError,
+    NoWorkerError,
     OverloadedError,
+    StreamRestartedError,
     error_for_code,
 )
 from modelfleet.messages import (
@@ -62,7 +74,7 @@ from modelfleet.messages import (
     check_model_name,
     parse_reply,
 )
-from modelfleet.publishing import job_properties, publish
+from modelfleet.publishing import job_properties, publish_on
 from modelfleet.security import declare_where_allowed
 from modelfleet.topology import DEADLINE_HEADER, Names, Topology
 
@@ -74,8 +86,21 @@ DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 # Pause between publish attempts while the connection is down (the robust connection retries
 # every amqp.reconnect_interval_s; this only decides how soon after it we notice).
 _REPUBLISH_PAUSE_S = 0.1
+# Pause before consuming replies again when that failed on a channel that is still open.
+_REARM_PAUSE_S = 0.5
 
 _Reply = ResultReply | ChunkReply | ErrorReply
+
+
+class _Lost:
+    """Queued for a job whose publish was confirmed on a channel that then closed: its answer
+    would come back on that channel, so it cannot arrive (internal)."""
+
+    __slots__ = ("cause", "epoch")
+
+    def __init__(self, cause: str, epoch: int) -> None:
+        self.cause = cause
+        self.epoch = epoch
 
 
 class Client:
@@ -101,15 +126,26 @@ class Client:
         self.names = Names(namespace or self.settings.namespace)
         self.timeout = timeout or self.settings.client.timeout_s
         self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
-        self._jobs: AbstractExchange | None = None
+        self._channel: AbstractRobustChannel | None = None
         self._resuming: set[asyncio.Task[None]] = set()  # reply consumers being set up again
         # Job ids: 128 random bits from a generator seeded by the OS, without a system call per
-        # job (uuid4 and secrets make one). Ids only need to be unique, not secret.
+        # job (uuid4 and secrets make one). Ids only need to be unique: they are no capability
+        # (cancelling a job takes its key, derived from _secret; see modelfleet.cancel).
         self._ids = random.Random(os.urandom(32))
-        self._pending: dict[str, asyncio.Queue[_Reply]] = {}
-        # Set while the connection (with its reply consumer) is up; publishes wait for it.
+        self._secret = os.urandom(32)
+        self._pending: dict[str, _Job] = {}
+        # Streams created and not iterated yet: only Client.cancel looks here.
+        self._unstarted: weakref.WeakValueDictionary[str, _Job] = weakref.WeakValueDictionary()
+        # Set while the channel is open with its reply consumer; publishes wait for it.
         self._ready = asyncio.Event()
+        # The aiormq channel the reply consumer is on: jobs are published on it alone, since
+        # direct reply-to answers come back on the channel that published the job.
+        self._armed: aiormq.abc.AbstractChannel | None = None
+        # Counts closes of the channel: a job confirmed in an earlier epoch lost its reply path.
+        self._epoch = 0
+        self._armed_epoch = -1  # the epoch _armed was armed in
+        self._arming = asyncio.Lock()
+        self._closing = False
         self._canceller: CancelPublisher | None = None
 
     async def __aenter__(self) -> Client:
@@ -127,104 +163,158 @@ class Client:
     async def connect(self) -> None:
         if self._connection is not None:
             return
+        self._closing = False
         self._connection = await connect(self.settings.amqp, role="client", url=self.url)
         try:
-            self._channel = await self._connection.channel(publisher_confirms=True)
             topology = Topology(self.names, self.settings.routing, self.settings.heartbeat)
-            # A least-privilege producer may not declare: it then only looks the exchange up.
-            self._jobs = await declare_where_allowed(
-                self._connection, self._channel, topology.declare_jobs, required=[self.names.jobs]
-            ) or await self._channel.get_exchange(self.names.jobs)
-            await self._consume_replies()
+            await self._declare(topology)
+            # publisher_confirms: a confirmed job is in its queue (or answered NO_WORKER). The
+            # robust channel holds no topology of ours: its reopen after a channel error (the
+            # jobs exchange deleted, say) can then never fail on a declaration.
+            channel = await self._connection.channel(publisher_confirms=True)
+            assert isinstance(channel, aio_pika.RobustChannel)
+            self._channel = channel
+            channel.close_callbacks.add(self._on_channel_closed)
+            # The robust channel reopens by itself after a channel error, and after a
+            # reconnection (then reconnect_callbacks fire too): either re-arms, once.
+            channel.reopen_callbacks.add(self._on_reopened)
+            self._connection.reconnect_callbacks.add(self._on_reopened)
+            await self._arm()
             self._canceller = await CancelPublisher.open(self._connection, topology)
-            self._channel.close_callbacks.add(self._on_channel_closed)
-            self._connection.reconnect_callbacks.add(self._on_reconnected)
-            self._ready.set()
         except Exception:
             await self.close()
             raise
 
+    async def _declare(self, topology: Topology) -> None:
+        """Declare the jobs exchange (or, for a user who may not, check that it exists) on a
+        plain channel that is closed after."""
+        assert self._connection is not None
+        plain = aio_pika.Channel(self._connection, publisher_confirms=False)
+        await plain.initialize()
+        try:
+            await declare_where_allowed(
+                self._connection, plain, topology.declare_jobs, required=[self.names.jobs]
+            )
+        finally:
+            if not plain.is_closed:
+                with contextlib.suppress(Exception):
+                    await plain.close()
+
     async def close(self) -> None:
+        self._closing = True
         canceller, self._canceller = self._canceller, None
         if canceller is not None:
             await canceller.aclose()  # the last cancels go out first
+        for task in list(self._resuming):
+            task.cancel()
         connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.close()
+        self._ready.clear()
 
     @property
     def pending(self) -> int:
         """Jobs submitted and not yet answered."""
         return len(self._pending)
 
-    async def _consume_replies(self) -> None:
-        """Direct reply-to: consume the pseudo-queue (no-ack) on the channel we publish from.
+    @property
+    def ready(self) -> bool:
+        """The channel is open with its reply consumer: a job is published at once."""
+        return self._ready.is_set()
+
+    async def _arm(self) -> None:
+        """Consume direct reply-to on the channel's current aiormq channel, then let publishes
+        through (once per aiormq channel, however many callbacks ask).
 
         Straight on aiormq's channel: aio-pika would wrap every reply in an IncomingMessage and
-        a task of its own, a tenth of the client's CPU per job (bench/README.md). The consumer
-        is set up again after each reconnection (:meth:`_on_reconnected`)."""
-        assert self._channel is not None
-        underlay = await self._channel.get_underlay_channel()
-        await underlay.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
+        a task of its own, a tenth of the client's CPU per job (bench/README.md)."""
+        async with self._arming:
+            assert self._channel is not None
+            underlay = await self._channel.get_underlay_channel()
+            if underlay is not self._armed:
+                old = self._armed
+                if old is not None and old.is_closed and self._epoch == self._armed_epoch:
+                    # Replaced before its close callback ran: what was sent on it is lost.
+                    self._channel_lost("the channel was replaced")
+                epoch = self._epoch
+                await underlay.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
+                self._armed, self._armed_epoch = underlay, epoch
+            epoch = self._armed_epoch
+            # A close since we started is the next reopen's business.
+            if self._epoch == epoch and not underlay.is_closed and not self._closing:
+                self._ready.set()
 
-    def _on_reconnected(self, *_: object) -> None:
-        # Called once every channel has been restored: consume the replies again, then let
-        # publishes through.
-        task = asyncio.create_task(self._resume(), name="modelfleet-client-resume")
+    def _on_reopened(self, *_: object) -> None:
+        if self._closing:
+            return
+        task = asyncio.create_task(self._rearm(), name="modelfleet-client-rearm")
         self._resuming.add(task)
         task.add_done_callback(self._resuming.discard)
 
-    async def _resume(self) -> None:
-        try:
-            await self._consume_replies()
-        except Exception as exc:
-            # The connection dropped again: the next reconnection tries again.
-            log.info("could not consume replies after a reconnection (%s)", exc)
-            return
-        self._ready.set()
+    async def _rearm(self) -> None:
+        while not self._closing and self._channel is not None:
+            try:
+                await self._arm()
+                return
+            except Exception as exc:
+                if self._channel.is_closed:
+                    # Closed again: its next reopen (or the reconnection) re-arms.
+                    log.info("could not consume replies on the reopened channel (%s)", exc)
+                    return
+                log.warning("could not consume replies (%s); trying again", exc)
+                await asyncio.sleep(_REARM_PAUSE_S)
 
     def _on_channel_closed(self, _sender: object, reason: object = None) -> None:
-        """The reply channel died (connection lost, broker restart): answers to the jobs still
-        pending can no longer reach us, so fail them now instead of at their deadline."""
-        # Publishing before the robust connection has restored the reply consumer would make
-        # the broker close the channel again (PRECONDITION_FAILED: fast reply consumer does
-        # not exist) and abort the restore; publishes wait for the reconnection instead.
+        """The channel closed (a channel error, connection lost, broker restart): answers to
+        the jobs it published can no longer reach us, so fail those now instead of at their
+        deadline. Jobs it had not confirmed are published again once it is back."""
+        armed = self._armed
+        if armed is not None and not armed.is_closed:
+            return  # the close of a channel that was replaced already (and accounted for)
+        self._channel_lost(
+            (str(reason) or type(reason).__name__) if reason is not None else "closed"
+        )
+
+    def _channel_lost(self, cause: str) -> None:
+        # Publishing before the reply consumer is restored would make the broker close the
+        # channel again (PRECONDITION_FAILED: fast reply consumer does not exist).
         self._ready.clear()
+        dead = self._epoch
+        self._epoch += 1
         if not self._pending:
             return
-        cause = str(reason) or type(reason).__name__ if reason is not None else "closed"
-        for job_id, waiter in list(self._pending.items()):
-            waiter.put_nowait(
-                ErrorReply.build(
-                    ErrorCode.CONNECTION_LOST,
-                    f"the connection to RabbitMQ dropped before the answer came ({cause}); "
-                    "the job may still run: retry it if it is idempotent",
-                    model="",
-                    job_id=job_id,
-                )
-            )
+        for job in list(self._pending.values()):
+            if job.sent_epoch == dead:
+                job.replies.put_nowait(_Lost(cause, dead))
 
     async def _on_reply(self, message: aiormq.abc.DeliveredMessage) -> None:
         correlation_id = message.header.properties.correlation_id
-        waiter = self._pending.get(correlation_id or "")
-        if waiter is None:
+        job = self._pending.get(correlation_id or "")
+        if job is None:
             return  # a late answer to a job whose producer already gave up
         try:
             reply = parse_reply(message.body)
         except ValidationError as exc:
             log.warning("dropping malformed reply for job %s: %s", correlation_id, exc)
             return
-        waiter.put_nowait(reply)
+        job.replies.put_nowait(reply)
 
-    def _encode(self, model: str, payload: Any, deadline: float, stream: bool) -> bytes:
+    def _encode(
+        self, model: str, payload: Any, deadline: float, stream: bool, job_id: str
+    ) -> bytes:
         try:
             check_model_name(model)
         except ValueError as exc:
             raise InvalidModelError(str(exc), model=str(model)[:100], job_id="-") from None
         try:
             body = JobRequest(
-                model=model, payload=payload, deadline=deadline, stream=stream, sent_at=time.time()
+                model=model,
+                payload=payload,
+                deadline=deadline,
+                stream=stream,
+                sent_at=time.time(),
+                cancel_digest=cancel_digest(cancel_key(self._secret, job_id)),
             )
             data = body.model_dump_json().encode()
         except (ValidationError, ValueError, TypeError) as exc:
@@ -243,7 +333,7 @@ class Client:
     async def _publish(self, job: _Job) -> None:
         """Publish ``job``, again after each reconnection, until the broker confirms it; the
         caller bounds this in time (:meth:`_unsent` names the error when time runs out)."""
-        if self._jobs is None:
+        if self._channel is None:
             raise BrokerError("client is not connected: use 'async with Client(...)'")
         now = time.time()
         remaining = max(job.deadline - time.monotonic(), 0.001)
@@ -259,19 +349,14 @@ class Client:
         )
         while True:
             await self._ready.wait()
+            epoch, underlay = self._epoch, self._armed
             try:
                 # The jobs exchange has an alternate exchange: an unroutable job is caught there
                 # and answered with NO_WORKER, so `mandatory` is not needed.
-                assert self._channel is not None
-                await publish(
-                    self._channel,
-                    job.body,
-                    properties,
-                    exchange=self.names.jobs,
-                    routing_key=job.model,
+                assert underlay is not None
+                await publish_on(
+                    underlay, job.body, properties, exchange=self.names.jobs, routing_key=job.model
                 )
-                job.sent = True
-                return
             except aio_pika.exceptions.DeliveryError as exc:
                 # A nack: the model's queue is full (x-overflow=reject-publish).
                 raise OverloadedError(
@@ -279,6 +364,20 @@ class Client:
                     model=job.model,
                     job_id=job.job_id,
                 ) from exc
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                if f"'{self.names.jobs}'" not in str(exc):
+                    job.last_error = exc
+                    await asyncio.sleep(_REPUBLISH_PAUSE_S)
+                    continue
+                # Waiting would not help: nobody can run the job until a controller (or an
+                # operator) declares the exchange again, and NO_WORKER is what a caller already
+                # handles for "nothing can take this model now".
+                raise NoWorkerError(
+                    f"exchange {self.names.jobs!r} does not exist (deleted, or no controller has "
+                    f"declared namespace {self.names.ns!r}); the job was not queued",
+                    model=job.model,
+                    job_id=job.job_id,
+                ) from None
             except (
                 aio_pika.exceptions.AMQPError,
                 aiormq.exceptions.AMQPError,
@@ -286,11 +385,19 @@ class Client:
                 aiormq.exceptions.ChannelInvalidStateError,
                 ConnectionError,
             ) as exc:
-                # The channel is down (broker restart, network cut): the robust connection is
-                # coming back; publish again once it has, within the job's timeout. A publish
-                # whose confirm was lost may run twice (at-least-once, same id).
+                # The channel is down (a channel error, broker restart, network cut): it comes
+                # back by itself; publish again once it has, within the job's timeout. A
+                # publish whose confirm was lost may run twice (at-least-once, same id).
                 job.last_error = exc
                 await asyncio.sleep(_REPUBLISH_PAUSE_S)
+                continue
+            job.sent = True
+            job.sent_epoch = epoch
+            if self._epoch != epoch:
+                # Confirmed, but the channel closed before we got here (the close callback did
+                # not see this job as sent): its answer cannot reach us.
+                job.replies.put_nowait(_Lost("the channel closed", epoch))
+            return
 
     def _unsent(self, job: _Job) -> JobError:
         """The error for a job whose time ran out before the broker confirmed it."""
@@ -314,10 +421,8 @@ class Client:
             raise ValueError("timeout must be positive")
         job_id = f"{self._ids.getrandbits(128):032x}"
         deadline = time.monotonic() + timeout
-        body = self._encode(model, payload, time.time() + timeout, stream)
-        queue: asyncio.Queue[_Reply] = asyncio.Queue()
-        self._pending[job_id] = queue
-        return _Job(self, model, job_id, body, timeout, deadline, queue)
+        body = self._encode(model, payload, time.time() + timeout, stream, job_id)
+        return _Job(self, model, job_id, body, timeout, deadline)
 
     async def submit(self, model: str, payload: Any = None, *, timeout: float | None = None) -> Any:
         """Run a job and return its result.
@@ -334,43 +439,47 @@ class Client:
 
     def stream(self, model: str, payload: Any = None, *, timeout: float | None = None) -> JobStream:
         """Run a streaming job: ``async for chunk in client.stream(...)``; the final result is
-        ``stream.result`` after the loop. Use as ``async with`` to release it early."""
-        return JobStream(self._start(model, payload, timeout, stream=True))
+        ``stream.result`` after the loop. Use as ``async with`` to release it early. The job
+        is sent when the iteration starts (a stream never iterated costs nothing).
+
+        Raises what :meth:`submit` does, and :class:`StreamRestartedError` when the job
+        restarted on another worker after chunks had reached the caller."""
+        job = self._start(model, payload, timeout, stream=True)
+        self._unstarted[job.job_id] = job
+        return JobStream(job)
 
     async def cancel(self, job_id: str) -> None:
-        """Cancel a job: a worker that has not started it skips it, one running it stops its
-        handler (coroutine and async-generator handlers; a thread runs to its end). Whoever
-        awaits the job here gets :class:`~modelfleet.errors.JobCancelledError`. Best effort: a
-        job that already finished is not affected."""
-        waiter = self._pending.get(job_id)
-        if waiter is not None:
-            waiter.put_nowait(
+        """Cancel a job of this client: a worker that has not started it skips it, one running
+        it stops its handler (coroutine and async-generator handlers; a thread runs to its
+        end). Whoever awaits the job here gets :class:`~modelfleet.errors.JobCancelledError`.
+        Best effort: a job that already finished is not affected, nor is another producer's
+        (workers want the job's key, which only its producer can make)."""
+        job = self._pending.get(job_id) or self._unstarted.pop(job_id, None)
+        if job is not None:
+            job.replies.put_nowait(
                 ErrorReply.build(
                     ErrorCode.CANCELLED, "cancelled by the producer", model="", job_id=job_id
                 )
             )
         if self._canceller is not None:
-            await self._canceller.publish(job_id)
+            await self._canceller.publish(job_id, key=cancel_key(self._secret, job_id))
 
     def _abandoned(self, job: _Job) -> None:
         """``job`` was published and left before its answer: cancel it on the workers."""
         if self._canceller is not None:
             remaining = job.deadline - time.monotonic()
-            self._canceller.send(job.job_id, time.time() + max(remaining, 0.0))
+            self._canceller.send(
+                job.job_id,
+                time.time() + max(remaining, 0.0),
+                key=cancel_key(self._secret, job.job_id),
+            )
 
 
 class _Job:
     """One submitted job's bookkeeping (internal)."""
 
     def __init__(
-        self,
-        client: Client,
-        model: str,
-        job_id: str,
-        body: bytes,
-        timeout: float,
-        deadline: float,
-        replies: asyncio.Queue[_Reply],
+        self, client: Client, model: str, job_id: str, body: bytes, timeout: float, deadline: float
     ) -> None:
         self.client = client
         self.model = model
@@ -378,9 +487,10 @@ class _Job:
         self.body = body
         self.timeout = timeout
         self.deadline = deadline
-        self.replies = replies
+        self.replies: asyncio.Queue[_Reply | _Lost] = asyncio.Queue()
         self.published = False  # (maybe) sent: a publish may be cancelled after the broker took it
         self.sent = False  # the broker confirmed the publish
+        self.sent_epoch = -1  # the client's channel epoch of that confirm
         self.last_error: BaseException | None = None  # why the last publish attempt failed
         self.answered = False  # a final answer (result or error) came
 
@@ -394,9 +504,14 @@ class _Job:
             job_id=self.job_id,
         )
 
+    def _register(self) -> None:
+        # Only now: a job in _pending is one whose answer we wait for (see Client.pending).
+        self.published = True
+        self.client._pending[self.job_id] = self
+
     async def result(self) -> Any:
         """Publish, then wait for the result: one timer for both (submit's hot path)."""
-        self.published = True
+        self._register()
         try:
             async with asyncio.timeout(self._remaining()):
                 await self.client._publish(self)
@@ -408,7 +523,7 @@ class _Job:
             raise (self._no_answer() if self.sent else self.client._unsent(self)) from None
 
     async def publish(self) -> None:
-        self.published = True
+        self._register()
         try:
             async with asyncio.timeout(self._remaining()):
                 await self.client._publish(self)
@@ -418,13 +533,27 @@ class _Job:
     async def next_reply(self) -> ResultReply | ChunkReply:
         try:
             async with asyncio.timeout(self._remaining()):
-                reply = await self.replies.get()
+                while True:
+                    reply = self._take(await self.replies.get())
+                    if reply is not None:
+                        return reply
         except TimeoutError:
             raise self._no_answer() from None
-        return self._take(reply)
 
-    def _take(self, reply: _Reply) -> ResultReply | ChunkReply:
-        """Note a reply; an error reply raises its error."""
+    def _take(self, reply: _Reply | _Lost) -> ResultReply | ChunkReply | None:
+        """Note a reply; an error reply raises its error; None: nothing to take."""
+        if isinstance(reply, _Lost):
+            if reply.epoch != self.sent_epoch or not self.replies.empty():
+                # Stale (the job went out again on a newer channel) or overtaken by answers
+                # that were already on their way: those win.
+                return None
+            self.answered = True
+            raise ConnectionLostError(
+                f"the connection to RabbitMQ dropped before the answer came ({reply.cause}); "
+                "the job may still run: retry it if it is idempotent",
+                model=self.model,
+                job_id=self.job_id,
+            )
         if isinstance(reply, ErrorReply):
             self.answered = True
             raise error_for_code(reply.code, reply.message, model=self.model, job_id=self.job_id)
@@ -434,18 +563,26 @@ class _Job:
 
     def finish(self) -> None:
         if self.client._pending.pop(self.job_id, None) is None:
-            return  # finished already
+            return  # finished already, or never published
         if self.published and not self.answered:
             self.client._abandoned(self)
 
 
 class JobStream:
-    """Async iterator over a streamed job's chunks; ``result`` holds the final value after."""
+    """Async iterator over a streamed job's chunks; ``result`` holds the final value after.
+
+    The chunks and the result come from one attempt of the job: a job redelivered after its
+    worker died starts again (a new ``attempt_id``), and once chunks of the first attempt
+    reached the caller the stream ends with :class:`StreamRestartedError` (the new attempt is
+    cancelled) rather than splice two texts. Before any chunk, the new attempt is followed."""
 
     def __init__(self, job: _Job) -> None:
         self._job = job
         self._published = False
         self._next_seq = 0
+        self._attempt = ""  # the attempt whose chunks we follow ("" = not known yet)
+        self._dropped: set[str] = set()  # attempts left before any of their chunks was yielded
+        self._yielded = 0
         self.done = False
         self.result: Any = None
 
@@ -466,23 +603,50 @@ class JobStream:
     async def __aexit__(self, *exc: object) -> None:
         self._job.finish()
 
+    def _same_attempt(self, attempt_id: str) -> bool:
+        """Follow the attempt that produced the chunks so far; False: drop this reply."""
+        if not attempt_id or attempt_id == self._attempt:
+            return True  # "": a worker from before attempt ids; seq alone then
+        if attempt_id in self._dropped:
+            return False
+        if self._attempt:
+            if self._yielded:
+                raise StreamRestartedError(
+                    f"the job restarted on another worker after {self._yielded} chunk(s) of its "
+                    "first attempt had been received (its worker died or lost its connection); "
+                    "the attempts are not spliced: retry the job for a whole answer",
+                    model=self._job.model,
+                    job_id=self._job.job_id,
+                )
+            self._dropped.add(self._attempt)
+        self._attempt = attempt_id
+        self._next_seq = 0
+        return True
+
     async def _chunks(self) -> AsyncIterator[Any]:
         try:
             if not self._published:
                 self._published = True
-                await self._job.publish()
+                self._job.client._unstarted.pop(self._job.job_id, None)
+                if self._job.replies.empty():  # else cancelled before it was sent: not sent
+                    await self._job.publish()
             while not self.done:
                 reply = await self._job.next_reply()
+                if not self._same_attempt(reply.attempt_id):
+                    continue
                 if isinstance(reply, ResultReply):
                     self.result = reply.result
                     self.done = True
                     return
-                # A job redelivered after its worker died restarts at seq 0: skip what we have.
+                # Without attempt ids, a redelivered job restarts at seq 0: skip what we have.
                 if reply.seq < self._next_seq:
                     continue
                 self._next_seq = reply.seq + 1
+                self._yielded += 1
                 yield reply.data
         finally:
+            # Also after StreamRestartedError: the job is not answered, so its new attempt is
+            # cancelled on the workers.
             self._job.finish()
 
     async def aclose(self) -> None:

@@ -22,6 +22,11 @@ numeric error code and the message names the cause, the model and the job.
 
 When the HTTP client goes away before its answer, the job is cancelled (:mod:`modelfleet.cancel`):
 a queued job is never started, a running handler is stopped and its worker's slot freed.
+
+An error after the first chunk of a stream (the status line is sent) ends the stream with an
+error event and no ``[DONE]``: among them ``STREAM_RESTARTED`` (50009), when the job restarted on
+another worker after text had been sent (the text cannot be taken back, nor spliced with the
+new attempt's; the client should retry the request).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from modelfleet.errors import (
     JobTimeoutError,
     NoWorkerError,
     OverloadedError,
+    StreamRestartedError,
 )
 from modelfleet.openai_shapes import (
     DONE,
@@ -86,6 +92,7 @@ _STATUS: Sequence[tuple[type[JobError], int, str]] = (
     (JobTimeoutError, 504, "timeout_error"),
     (ExpiredError, 504, "timeout_error"),
     (ConnectionLostError, 502, "bad_gateway_error"),
+    (StreamRestartedError, 502, "bad_gateway_error"),  # mid-stream only: the type counts
     (JobCancelledError, 499, "cancelled_error"),
 )
 # What nginx answers when the client closed the request first (nobody reads it).

@@ -21,7 +21,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel
 from aiormq import spec
 
-__all__ = ["job_properties", "publish", "reply_properties"]
+__all__ = ["job_properties", "publish", "publish_on", "reply_properties"]
 
 JSON = "application/json"
 PERSISTENT = 2
@@ -65,7 +65,28 @@ async def publish(
     written (and so sent at once by a coalescing connection: a stream's first chunk).
     ``mandatory`` is off: modelfleet catches unroutable jobs with an alternate exchange, and a
     mandatory reply to direct reply-to is both delivered and returned by RabbitMQ 3.10."""
-    underlay = await channel.get_underlay_channel()
+    await publish_on(
+        await channel.get_underlay_channel(),
+        body,
+        properties,
+        exchange=exchange,
+        routing_key=routing_key,
+        flush=flush,
+    )
+
+
+async def publish_on(
+    underlay: aiormq.abc.AbstractChannel,
+    body: bytes,
+    properties: spec.Basic.Properties,
+    *,
+    exchange: str,
+    routing_key: str,
+    flush: bool = False,
+) -> None:
+    """:func:`publish` on one given aiormq channel: the client publishes a job only on the
+    channel its reply consumer is on (direct reply-to answers come back on that channel alone),
+    and a closed one raises rather than publishing on its successor."""
     if isinstance(underlay, aiormq.Channel):
         await underlay.basic_publish(
             body,
