@@ -16,6 +16,24 @@ One asyncio process holds five parts (DESIGN.md's seed components):
 For ``startup_listen_s`` after start it only listens: no evictions, no unbinding. The registry is
 soft state, so a restarted controller loses nothing; several controllers may run at once.
 
+Recovery (no zombie): the heartbeat consumer is re-armed (queue re-declared, re-bound, consumed)
+after a reconnect, a channel reopen, a consumer cancel by the broker (its queue deleted) and
+whenever a periodic check finds it gone, with backoff. The base topology is re-declared every
+``REBIND_EVERY_ROUNDS`` stats rounds and right after a NOT_FOUND, and live models re-bound, so a
+deleted exchange or queue comes back without a restart. A bind that the broker refuses (a model
+queue re-declared with other arguments) closes only the binding channel: that model backs off,
+the channel is reopened or replaced, and the other models and NO_WORKER answers go on (those
+are published on the no-worker channel). ``/healthz`` is unhealthy while the heartbeat consumer
+is gone or the controller's own probe has not come back within the probe window.
+
+Below aio-pika's public API (each covered by tests/integration/test_controller_recovery.py):
+
+* the heartbeat consumer is a raw aiormq consumer on the heartbeat channel's underlay channel
+  (hot path); it watches ``on_consumer_cancel_callbacks`` of that underlay channel and the robust
+  channel's ``reopen_callbacks`` — covered by the heartbeat-queue-deleted and channel-error tests;
+* queue counts are read with aiormq ``queue_declare(passive=True)`` on the stats channel's
+  underlay channel (a robust channel caches passive declares) — covered by the queue-depth test.
+
 >>> controller = Controller(settings)
 >>> await controller.run()   # until SIGTERM/SIGINT
 """
@@ -32,7 +50,7 @@ import socket
 import time
 from collections.abc import Callable
 from secrets import token_hex
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
@@ -41,14 +59,16 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from pydantic import ValidationError
 
+from modelfleet.addressing import is_direct_reply_to
 from modelfleet.config import Settings
 from modelfleet.connections import connect
 from modelfleet.errors import ErrorCode
-from modelfleet.messages import ErrorReply, Heartbeat
+from modelfleet.messages import ErrorReply, Heartbeat, check_model_name
 from modelfleet.metrics import ControllerMetrics, ModelFigures, WorkerFigures, reason_label
 from modelfleet.registry import EvictionReason, Observation, Registry
 from modelfleet.routing import ActionKind, RoutingTable
@@ -60,12 +80,22 @@ from modelfleet.topology import (
     DeadReason,
     Names,
     Topology,
+    controller_queue_arguments,
     dead_copy,
     dead_reason,
     json_message,
 )
 
 __all__ = ["Controller"]
+
+
+def _valid_model_name(name: object) -> bool:
+    try:
+        check_model_name(name)
+    except ValueError:
+        return False
+    return True
+
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +109,21 @@ REROUTED_HEADER = "x-mf-rerouted"
 REBIND_EVERY_ROUNDS = 10
 # AMQP `type` of the controller's own round-trip probe on the heartbeats exchange.
 PROBE_TYPE = "modelfleet.probe"
+# How often the heartbeat keeper checks its consumer is there (a cancel or reopen wakes it at
+# once; this catches anything that slipped past the callbacks).
+CONSUMER_CHECK_S = 1.0
+# Backoff of re-arming a consumer and of retrying a model's failed bind/unbind.
+BACKOFF_MIN_S = 0.25
+BACKOFF_MAX_S = 30.0
+# The heartbeat consumer's backoff stays short: without it the controller is blind.
+HB_BACKOFF_MAX_S = 5.0
+# A binding channel closed this long (its own reopen failed) is replaced by a new one.
+CHANNEL_STUCK_S = 3.0
+# A job whose NO_WORKER copy could not be published waits this long before it is handed back,
+# so a broken channel does not turn the unroutable queue into a busy loop.
+NACK_DELAY_S = 0.5
+# One warning per key per this many seconds: a failure that repeats must not flood the log.
+LOG_EVERY_S = 60.0
 
 
 class Controller:
@@ -118,9 +163,18 @@ class Controller:
         self._stats_channel: AbstractChannel | None = None
         self._jobs: AbstractExchange | None = None
         self._dead: AbstractExchange | None = None
-        self._hb_queue: AbstractQueue | None = None
-        self._hb_channel: AbstractChannel | None = None
+        self._hb_channel: AbstractRobustChannel | None = None
+        self._hb_underlay: aiormq.Channel | None = None
+        self._hb_tag: str | None = None
+        self._hb_rearm = asyncio.Event()
+        self.hb_rearmed = 0  # times the heartbeat consumer was armed again after the first
+        self._nw_channel: AbstractChannel | None = None
+        self._nw_dead: AbstractExchange | None = None
         self._unroutable_queue: AbstractQueue | None = None
+        self._channel_closed_since: float | None = None
+        self._base_suspect = False
+        self._action_backoff: dict[str, tuple[float, float]] = {}
+        self._logged_at: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._drains: dict[str, asyncio.Task[None]] = {}
         self._catalog_written: frozenset[str] | None = None
@@ -148,42 +202,85 @@ class Controller:
         return self.clock() - self.started_at >= 1.5 * self.settings.heartbeat.interval_s
 
     @property
-    def healthy(self) -> bool:
+    def heartbeat_consumer_up(self) -> bool:
+        """Whether the heartbeat consumer is registered on an open channel."""
+        underlay = self._hb_underlay
+        return (
+            underlay is not None
+            and not underlay.is_closed
+            and self._hb_tag is not None
+            and self._hb_tag in underlay.consumers
+        )
+
+    def health(self) -> dict[str, Any]:
+        """What ``/healthz`` reports; ``healthy`` is False while heartbeats cannot arrive."""
         connected = self._connection is not None and not self._connection.is_closed
-        return connected and not self.listen_only
+        now = self.clock()
+        probe_age = None if self._probe_seen_at is None else now - self._probe_seen_at
+        consuming = self.heartbeat_consumer_up
+        probe_ok = self._broker_ok(now)
+        return {
+            "healthy": connected and not self.listen_only and consuming and probe_ok,
+            "connected": connected,
+            "listen_only": self.listen_only,
+            "heartbeat_consumer": consuming,
+            "probe_age_s": None if probe_age is None else round(probe_age, 3),
+        }
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self.health()["healthy"])
+
+    def _warn(self, key: str, text: str, *args: object) -> None:
+        """A warning at most once per LOG_EVERY_S per key."""
+        now = time.monotonic()
+        last = self._logged_at.get(key)
+        if last is not None and now - last < LOG_EVERY_S:
+            return
+        if len(self._logged_at) > 1_000:  # bounded: keys name models
+            self._logged_at.clear()
+        self._logged_at[key] = now
+        log.warning(text + " (logged once a minute)", *args)
 
     # -- life cycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
         self._connection = await connect(self.settings.amqp, role="controller")
-        self._channel = await self._connection.channel(publisher_confirms=True)
-        await self.topology.declare_base(self._channel)
-        self._jobs = await self._channel.get_exchange(self.names.jobs)
-        self._dead = await self._channel.get_exchange(self.names.dead)
+        await self._open_main_channel()
         self._stats_channel = await self._connection.channel(publisher_confirms=False)
         self.started_at = self.clock()
         await self._read_catalog()
 
-        self._hb_channel = await self._connection.channel(publisher_confirms=False)
-        self._hb_queue = await self.topology.declare_controller_queue(
-            self._hb_channel, self.instance
-        )
-        await self._consume_heartbeats()
+        channel = await self._connection.channel(publisher_confirms=False)
+        assert isinstance(channel, AbstractRobustChannel)
+        self._hb_channel = channel
+        # A channel error reopens the robust channel without our raw consumer: re-arm it.
+        channel.reopen_callbacks.add(self._on_hb_channel_reopened)
+        await self._arm_heartbeats()
         self._connection.reconnect_callbacks.add(self._on_reconnected)
 
+        # aio-pika consumers: a robust channel restores them after a channel error or a consumer
+        # cancel, declaring and binding their queues again (so declared here with their real
+        # arguments and binding, never passively).
         tap_channel = await self._connection.channel(publisher_confirms=False)
         tap = await self.topology.declare_dead_tap(tap_channel, self.instance)
         await tap.consume(self._on_dead_letter, no_ack=True)
 
         nw_channel = await self._connection.channel(publisher_confirms=True)
         await nw_channel.set_qos(prefetch_count=200)
-        self._unroutable_queue = await nw_channel.declare_queue(self.names.unroutable, passive=True)
+        self._nw_channel = nw_channel
+        # NO_WORKER copies and error replies go out on this channel, not on the binding
+        # channel a refused bind can close. Not declared (ensure=False): a robust channel would
+        # re-declare it passively on reopen and stay closed if it were missing.
+        self._nw_dead = await nw_channel.get_exchange(self.names.dead, ensure=False)
+        self._unroutable_queue = await self.topology.declare_unroutable_queue(nw_channel)
         await self._unroutable_queue.consume(self._on_unroutable)
 
         self._tasks = [
             asyncio.create_task(self._sweep_loop(), name="modelfleet-sweeper"),
             asyncio.create_task(self._stats_loop(), name="modelfleet-stats"),
             asyncio.create_task(self._probe_loop(), name="modelfleet-probe"),
+            asyncio.create_task(self._heartbeat_keeper(), name="modelfleet-heartbeat-keeper"),
         ]
         log.info(
             "controller %s watching namespace %s (listen-only for %.1fs)",
@@ -268,10 +365,15 @@ class Controller:
         # our queue, so a larger "lag" is a skewed or forged clock and would poison the histogram.
         if lag <= self.settings.heartbeat.queue_ttl_s:
             self.metrics.heartbeat_lag.observe(max(0.0, lag))
+        if observation is Observation.RESTARTED:
+            # Its counters start again from 0: count them from there, not against the old ones.
+            self.fleet_stats.update(hb.worker_id, {})
         if observation is not Observation.IGNORED:
             self.fleet_stats.update(hb.worker_id, hb.stats)
         if observation is Observation.ADDED:
             log.info("worker %s joined: %s", hb.worker_id, ", ".join(hb.models))
+        elif observation is Observation.RESTARTED:
+            log.info("worker %s restarted: %s", hb.worker_id, ", ".join(hb.models))
         elif observation is Observation.REMOVED:
             if hb.stop_reason == "stuck":
                 self.metrics.evictions.labels(EvictionReason.STUCK).inc()
@@ -281,7 +383,7 @@ class Controller:
             else:
                 self.metrics.evictions.labels(EvictionReason.STOPPING).inc()
                 log.info("worker %s left (stopping)", hb.worker_id)
-        if observation in (Observation.ADDED, Observation.REMOVED) or (
+        if observation in (Observation.ADDED, Observation.REMOVED, Observation.RESTARTED) or (
             observation is Observation.UPDATED and hb.state.value != "ready"
         ):
             # Routing reacts at once to a new model or a clean stop, not at the next sweep.
@@ -314,14 +416,21 @@ class Controller:
 
     async def _probe_loop(self) -> None:
         """Publish a probe to the heartbeats exchange every interval; _on_heartbeat notes its
-        return. Its absence means the data plane, not the workers, has stopped."""
+        return. Its absence means the data plane, not the workers, has stopped; its return
+        after a silent worker's deadline means that worker is really gone (Registry.sweep)."""
         assert self._connection is not None
         interval = self.settings.heartbeat.interval_s
         self._probe_seen_at = self.clock()
         channel: AbstractChannel | None = None
         while True:
             try:
-                if channel is None or channel.is_closed:
+                if channel is not None and channel.is_closed and not self._connection.is_closed:
+                    # Publishing to a deleted exchange closes the channel: start a new one
+                    # rather than wait on the old one's reopen.
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+                    channel = None
+                if channel is None:
                     channel = await self._connection.channel(publisher_confirms=False)
                 exchange = await channel.get_exchange(self.names.heartbeats, ensure=False)
                 probe = aio_pika.Message(
@@ -334,20 +443,93 @@ class Controller:
                 log.debug("probe not sent: %s", exc)
             await asyncio.sleep(interval)
 
-    async def _consume_heartbeats(self) -> None:
-        """Consume heartbeats with aiormq directly: a large fleet's hot path skips aio-pika's
-        per-message wrapper (measured: most of the cost of a heartbeat beyond its validation).
-        A robust reconnect does not restore such a consumer; _on_reconnected does."""
-        assert self._hb_channel is not None and self._hb_queue is not None
-        underlay = await self._hb_channel.get_underlay_channel()
-        await underlay.basic_consume(self._hb_queue.name, self._on_heartbeat, no_ack=True)
+    async def _arm_heartbeats(self) -> None:
+        """Declare and bind this controller's heartbeat queue and consume it, unless consuming.
+
+        Consumed with aiormq directly: a large fleet's hot path skips aio-pika's per-message
+        wrapper (measured: most of the cost of a heartbeat beyond its validation). aio-pika does
+        not restore such a consumer, nor re-declare a queue it was not told about: the keeper
+        (_heartbeat_keeper) calls this again after a reconnect, a channel reopen or a cancel.
+        Declare and bind are idempotent, so this also heals a binding lost with the exchange."""
+        assert self._hb_channel is not None
+        # aiormq.Channel: its `consumers` tells whether our consumer is still registered.
+        underlay = cast(aiormq.Channel, await self._hb_channel.get_underlay_channel())
+        queue = self.names.controller_queue(self.instance)
+        await underlay.queue_declare(
+            queue,
+            durable=False,
+            auto_delete=True,
+            arguments=controller_queue_arguments(self.settings.heartbeat),
+        )
+        await underlay.queue_bind(queue, self.names.heartbeats)
+        # A set: adding the same bound method again is a no-op.
+        underlay.on_consumer_cancel_callbacks.add(self._on_hb_consumer_cancelled)
+        if self._hb_underlay is underlay and self.heartbeat_consumer_up:
+            return
+        ok = await underlay.basic_consume(queue, self._on_heartbeat, no_ack=True)
+        if self._hb_tag is not None:
+            self.hb_rearmed += 1
+        self._hb_underlay = underlay
+        self._hb_tag = ok.consumer_tag
+
+    def _on_hb_consumer_cancelled(self, frame: object) -> None:
+        if getattr(frame, "consumer_tag", None) == self._hb_tag:
+            log.warning("the broker cancelled the heartbeat consumer (queue deleted?): re-arming")
+            self._hb_rearm.set()
+
+    def _on_hb_channel_reopened(self, *_: object) -> None:
+        self._hb_rearm.set()
 
     def _on_reconnected(self, *_: object) -> None:
-        if self._stop.is_set():
+        self._hb_rearm.set()
+
+    async def _heartbeat_keeper(self) -> None:
+        """Keep the heartbeat consumer up: re-arm it when told (cancel, reopen, reconnect), when
+        a periodic check finds it gone, and when the probe stops coming back (its binding may
+        have gone with a deleted exchange); back off while that fails. A reconnect or reopen
+        cuts a backoff short."""
+        backoff = BACKOFF_MIN_S
+        delay = CONSUMER_CHECK_S
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hb_rearm.wait(), delay)
+            self._hb_rearm.clear()
+            if self.heartbeat_consumer_up and self._broker_ok(self.clock()):
+                backoff, delay = BACKOFF_MIN_S, CONSUMER_CHECK_S
+                continue
+            try:
+                was_up = self.heartbeat_consumer_up
+                await self._arm_heartbeats()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
+                    self._base_suspect = True  # the heartbeats exchange is gone
+                self._warn("hb-arm", "heartbeat consumer not armed (%s); retrying", exc)
+                await self._replace_if_stuck_hb_channel()
+                delay, backoff = backoff, min(backoff * 2, HB_BACKOFF_MAX_S)
+                continue
+            if not was_up:
+                log.info("heartbeat consumer armed again")
+            if self._broker_ok(self.clock()):
+                backoff, delay = BACKOFF_MIN_S, CONSUMER_CHECK_S
+            else:
+                # Declared and bound again; give the next probe time to come back.
+                delay, backoff = backoff, min(backoff * 2, HB_BACKOFF_MAX_S)
+
+    async def _replace_if_stuck_hb_channel(self) -> None:
+        """A robust channel whose own reopen failed stays closed: use a new one."""
+        channel = self._hb_channel
+        if channel is None or not channel.is_closed or self._connection is None:
             return
-        task = asyncio.create_task(self._consume_heartbeats(), name="modelfleet-heartbeats")
-        self._tasks.append(task)
-        task.add_done_callback(self._forget_task)
+        if self._connection.is_closed:
+            return  # the connection's own recovery reopens every channel
+        with contextlib.suppress(Exception):
+            await channel.close()
+        fresh = await self._connection.channel(publisher_confirms=False)
+        assert isinstance(fresh, AbstractRobustChannel)
+        fresh.reopen_callbacks.add(self._on_hb_channel_reopened)
+        self._hb_channel = fresh
 
     async def _on_heartbeat(self, message: aiormq.abc.DeliveredMessage) -> None:
         properties = message.header.properties
@@ -373,7 +555,7 @@ class Controller:
         label = model if isinstance(model, str) and known else "other"
         reason = dead_reason(headers)
         self.metrics.dead_letters.labels(label, reason_label(reason)).inc()
-        if reason == DeadReason.DELIVERY_LIMIT and message.reply_to and self._channel is not None:
+        if reason == DeadReason.DELIVERY_LIMIT and message.reply_to:
             # Nobody else can tell the producer: every worker that took the job died.
             await self._reply_error(
                 message,
@@ -387,11 +569,25 @@ class Controller:
     async def _reply_error(
         self, message: AbstractIncomingMessage, code: ErrorCode, text: str, *, model: str
     ) -> None:
-        assert self._channel is not None
+        """Error reply to the job's producer, only at a direct reply-to address: replies go out
+        through the default exchange, and any other reply_to would let a producer make the
+        controller write into a queue of its choosing (say ``{ns}.catalog``)."""
         job_id = message.message_id or message.correlation_id or "?"
+        if not is_direct_reply_to(message.reply_to):
+            self.metrics.replies_refused.labels("not_direct_reply_to").inc()
+            self._warn(
+                "reply-refused",
+                "job %s: not replying to reply_to %r: not a direct reply-to address",
+                job_id[:100],
+                (message.reply_to or "")[:100],
+            )
+            return
+        channel = self._nw_channel or self._channel
+        if channel is None:
+            return
         reply = ErrorReply.build(code, text, model=model, job_id=job_id)
         with contextlib.suppress(Exception):
-            await self._channel.default_exchange.publish(
+            await channel.default_exchange.publish(
                 json_message(
                     reply.model_dump_json().encode(),
                     correlation_id=message.correlation_id or job_id,
@@ -449,19 +645,23 @@ class Controller:
             # After broker trouble, listen for one timeout again before evicting anyone: the
             # workers' heartbeats were stuck in the same outage as ours.
             evict=not self.listen_only and broker_ok and now >= self._evict_after,
+            # Under mass silence, the probe's return vouches for workers really gone.
+            vouched_at=self._probe_seen_at,
         )
         suspect = result.suspect_broker or not broker_ok
-        if suspect:
+        if not broker_ok:
+            # Only the probe's own absence restarts the wait; a mass silence with the probe
+            # flowing ends as the probe vouches for each silent worker.
             self._evict_after = now + hb.timeout_s
         if suspect and not self.suspect_broker:
             log.warning(
                 "%s: suspecting the broker, holding evictions",
                 "this controller's own probe did not come back through the broker"
                 if not broker_ok
-                else f"{len(result.silent)} of {len(self.registry)} workers went quiet together",
+                else f"{len(result.held)} of {len(self.registry)} workers went quiet together",
             )
         elif self.suspect_broker and not suspect:
-            log.info("heartbeats flow again; evictions resume after one heartbeat timeout")
+            log.info("mass silence over: heartbeats flow again or the silent workers are gone")
         self.suspect_broker = suspect
         for worker in result.evicted:
             self.metrics.evictions.labels(EvictionReason.TIMEOUT).inc()
@@ -483,8 +683,54 @@ class Controller:
                 log.exception("sweep failed; retrying next round")
             await asyncio.sleep(interval)
 
+    async def _open_main_channel(self) -> None:
+        """The binding channel: declares, binds and unbinds (what a broker may refuse)."""
+        assert self._connection is not None
+        channel = await self._connection.channel(publisher_confirms=True)
+        # Untracked: re-declared by _reassert_base, never left for a reopen to trip over.
+        await self.topology.declare_base(channel, track=False)
+        self._jobs = await channel.get_exchange(self.names.jobs, ensure=False)
+        self._dead = await channel.get_exchange(self.names.dead, ensure=False)
+        self._channel = channel
+        self._channel_closed_since = None
+
+    async def _usable_main_channel(self) -> AbstractChannel | None:
+        """The binding channel, replaced when it has stayed closed (its reopen failed)."""
+        channel = self._channel
+        if channel is None or self._connection is None or self._connection.is_closed:
+            return None
+        if not channel.is_closed:
+            self._channel_closed_since = None
+            return channel
+        now = self.clock()
+        if self._channel_closed_since is None:
+            self._channel_closed_since = now
+        if now - self._channel_closed_since < CHANNEL_STUCK_S:
+            return None  # a robust channel reopens itself after a channel error
+        self._warn("main-channel", "binding channel closed for %.0fs: opening a new one",
+                   now - self._channel_closed_since)  # fmt: skip
+        with contextlib.suppress(Exception):
+            await channel.close()
+        try:
+            await self._open_main_channel()
+        except Exception as exc:
+            self._channel_closed_since = now  # try again after CHANNEL_STUCK_S
+            self._warn("main-channel-open", "cannot open a binding channel: %s", exc)
+            return None
+        return self._channel
+
+    def _backing_off(self, model: str, now: float) -> bool:
+        entry = self._action_backoff.get(model)
+        return entry is not None and now < entry[0]
+
+    def _action_failed(self, model: str, now: float) -> None:
+        delay = self._action_backoff.get(model, (0.0, BACKOFF_MIN_S / 2))[1] * 2
+        delay = min(delay, BACKOFF_MAX_S)
+        self._action_backoff[model] = (now + delay, delay)
+
     async def _apply_routing(self) -> None:
-        if self._channel is None:
+        channel = await self._usable_main_channel()
+        if channel is None:
             return
         now = self.clock()
         live = self.registry.live_models()
@@ -492,20 +738,34 @@ class Controller:
             now=now, live=live, listen_only=self.listen_only or self.suspect_broker
         )
         for action in actions:
+            if self._backing_off(action.model, now):
+                continue
+            if channel.is_closed:
+                break  # a refused action closed it: the rest waits for the reopen
             try:
                 if action.kind is ActionKind.BIND:
-                    await self.topology.bind_model(self._channel, action.model)
+                    await self.topology.bind_model(channel, action.model)
                     self.routing.mark_bound(action.model)
                     log.info("model %s routable", action.model)
                 else:
-                    await self.topology.unbind_model(self._channel, action.model)
+                    await self.topology.unbind_model(channel, action.model)
                     self.routing.mark_unbound(action.model, now=self.clock())
                     log.warning(
                         "model %s has no live worker: unbound, failing its backlog", action.model
                     )
                 self.metrics.routing_changes.labels(action.kind.value).inc()
+                self._action_backoff.pop(action.model, None)
             except Exception as exc:
-                log.warning("%s %s failed (%s); will retry", action.kind, action.model, exc)
+                self._action_failed(action.model, now)
+                if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
+                    self._base_suspect = True  # {ns}.jobs itself may be gone
+                self._warn(
+                    f"action-{action.model}",
+                    "%s %s failed (%s); retrying with backoff",
+                    action.kind,
+                    action.model,
+                    exc,
+                )
         for model in self.routing.unrouted(live):
             self._start_drain(model)
         for model in self.routing.forget_stale(now=now, live=live):
@@ -518,9 +778,17 @@ class Controller:
     # -- catalog: the models a restarted controller must know about -------------------------
 
     async def _read_catalog(self) -> None:
-        assert self._channel is not None
+        assert self._connection is not None
+        channel = await self._connection.channel(publisher_confirms=False)
         try:
-            queue = await self._channel.declare_queue(self.names.catalog, passive=True)
+            await self._read_catalog_on(channel)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    async def _read_catalog_on(self, channel: AbstractChannel) -> None:
+        try:
+            queue = await channel.declare_queue(self.names.catalog, passive=True)
             message = await queue.get(no_ack=False, fail=False, timeout=5)
         except Exception as exc:
             log.warning("cannot read the model catalog: %s", exc)
@@ -531,22 +799,33 @@ class Controller:
             await message.nack(requeue=True)  # leave it for other controllers
         try:
             models = json.loads(message.body)["models"]
-            known = [m for m in models if isinstance(m, str)][: self.settings.routing.max_models]
+            if not isinstance(models, list):
+                raise TypeError("models is not a list")
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring an unreadable model catalog")
             return
+        known = [m for m in models if _valid_model_name(m)][: self.settings.routing.max_models]
+        invalid = len(models) - sum(1 for m in models if _valid_model_name(m))
+        if invalid:
+            # Anyone who can publish to the catalog queue could plant names; only valid ones
+            # may become queue names and metric labels.
+            self.metrics.catalog_names_invalid.inc(invalid)
+            log.warning("catalog: ignored %d name(s) that fail the model-name rule", invalid)
         self.routing.learn(known, now=self.clock())
         self._catalog_written = frozenset(known)
         log.info("catalog: %d known model(s)", len(known))
 
     async def _write_catalog(self) -> None:
         known = frozenset(self.routing.known())
-        if known == self._catalog_written or self._channel is None or self.listen_only:
+        channel = self._channel
+        if known == self._catalog_written or channel is None or self.listen_only:
+            return
+        if channel.is_closed:
             return
         body = json.dumps({"models": sorted(known), "written_at": time.time()}).encode()
         message = json_message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         try:
-            await self._channel.default_exchange.publish(message, routing_key=self.names.catalog)
+            await channel.default_exchange.publish(message, routing_key=self.names.catalog)
         except Exception as exc:
             log.warning("cannot write the model catalog: %s", exc)
             return
@@ -565,16 +844,21 @@ class Controller:
 
     async def _fail_no_worker(self, message: AbstractIncomingMessage, model: str) -> None:
         """Error reply to the producer, copy to the error queue (reason no_worker), ack."""
-        assert self._channel is not None and self._dead is not None
+        dead = self._nw_dead or self._dead
+        assert dead is not None
         job_id = message.message_id or message.correlation_id or "?"
         text = self._no_worker_text(model)
         if message.reply_to:
             await self._reply_error(message, ErrorCode.NO_WORKER, text, model=model)
         copy = dead_copy(message, reason=DeadReason.NO_WORKER, error=text, model=model)
         try:
-            await self._dead.publish(copy, routing_key=model, mandatory=False)
+            await dead.publish(copy, routing_key=model, mandatory=False)
         except Exception as exc:
-            log.warning("job %s: copy to the error queue failed (%s); will retry", job_id, exc)
+            if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
+                self._base_suspect = True  # {ns}.dead is gone: re-declare the topology
+            self._warn("dead-copy", "job %s: copy to the error queue failed (%s); will retry",
+                       job_id[:100], exc)  # fmt: skip
+            await asyncio.sleep(NACK_DELAY_S)
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
             return
@@ -584,13 +868,13 @@ class Controller:
 
     async def _on_unroutable(self, message: AbstractIncomingMessage) -> None:
         model = message.routing_key or ""
-        if not self._heard_everyone() and model not in self.registry.live_models():
+        if not self._heard_everyone() and not self.registry.serving(model):
             # Just started: a live worker of this model may not have spoken to us yet.
             await asyncio.sleep(
                 max(0.0, 1.5 * self.settings.heartbeat.interval_s - self._since_start())
             )
         headers = message.headers or {}
-        live = model in self.registry.live_models()
+        live = self.registry.serving(model)
         if live and not headers.get(REROUTED_HEADER) and await self._reroute(message, model):
             return
         await self._fail_no_worker(message, model)
@@ -600,7 +884,9 @@ class Controller:
 
     async def _reroute(self, message: AbstractIncomingMessage, model: str) -> bool:
         """The model has a live worker (it raced its binding): bind and send the job back."""
-        assert self._channel is not None and self._jobs is not None
+        channel, jobs = self._channel, self._jobs
+        if channel is None or jobs is None or channel.is_closed:
+            return False
         headers: dict[str, Any] = dict(message.headers or {})
         deadline = headers.get(DEADLINE_HEADER)
         # Epoch milliseconds (see Client._publish).
@@ -609,9 +895,9 @@ class Controller:
             return False
         headers[REROUTED_HEADER] = 1
         try:
-            await self.topology.bind_model(self._channel, model)
+            await self.topology.bind_model(channel, model)
             self.routing.mark_bound(model)
-            await self._jobs.publish(
+            await jobs.publish(
                 aio_pika.Message(
                     message.body,
                     headers=headers,
@@ -635,14 +921,17 @@ class Controller:
         return True
 
     def _start_drain(self, model: str) -> None:
-        task = self._drains.get(model)
-        if task is not None and not task.done():
-            return
-        if self._queue_counts.get(model, (1, 0))[0] == 0 and task is not None:
-            return  # drained before and nothing arrived since
-        self._drains[model] = asyncio.create_task(
-            self._drain(model), name=f"modelfleet-drain-{model}"
-        )
+        if model in self._drains or self._stop.is_set():
+            return  # one drain at a time per model
+        if self._queue_counts.get(model, (0, 0))[0] == 0:
+            return  # empty or missing at the last count (read fresh every stats round)
+        task = asyncio.create_task(self._drain(model), name=f"modelfleet-drain-{model}")
+        self._drains[model] = task
+        task.add_done_callback(lambda done: self._drain_done(model, done))
+
+    def _drain_done(self, model: str, task: asyncio.Task[None]) -> None:
+        if self._drains.get(model) is task:
+            del self._drains[model]
 
     async def _drain(self, model: str) -> None:
         """Fail the backlog of an unbound model with NO_WORKER, until empty or a worker returns."""
@@ -650,15 +939,19 @@ class Controller:
         channel = await self._connection.channel(publisher_confirms=False)
         drained = 0
         try:
-            queue = await self.topology.declare_model_queue(channel, model)
-            while model not in self.registry.live_models() and not self.routing.routable(model):
+            # Passive and untracked: a queue someone re-declared with other arguments is still
+            # drained, and the throw-away channel remembers nothing.
+            queue = await channel.declare_queue(
+                self.names.model_queue(model), passive=True, robust=False
+            )
+            while not self.registry.serving(model) and not self.routing.routable(model):
                 message = await queue.get(no_ack=False, fail=False, timeout=5)
                 if message is None:
                     break
                 await self._fail_no_worker(message, model)
                 drained += 1
         except Exception as exc:
-            log.warning("draining %s stopped: %s", model, exc)
+            self._warn(f"drain-{model}", "draining %s stopped: %s", model, exc)
         finally:
             with contextlib.suppress(Exception):
                 await channel.close()
@@ -674,11 +967,28 @@ class Controller:
             try:
                 await self.refresh_queue_counts()
                 self._rounds += 1
-                if self._rounds % REBIND_EVERY_ROUNDS == 0:
+                if self._rounds % REBIND_EVERY_ROUNDS == 0 or self._base_suspect:
+                    await self._reassert_base()
                     await self._reassert_bindings()
-            except Exception:
-                log.exception("queue statistics failed; retrying next round")
+            except Exception as exc:
+                self._warn("stats", "queue statistics failed (%s); retrying next round", exc)
             await asyncio.sleep(interval)
+
+    async def _reassert_base(self) -> None:
+        """Declare the base topology again (idempotent): an exchange or queue deleted under us
+        (by hand, by a broker reset) comes back, and clients recover without our restart."""
+        channel = await self._usable_main_channel()
+        if channel is None:
+            return
+        try:
+            await self.topology.declare_base(channel, track=False)
+        except Exception as exc:
+            self._warn("base", "cannot declare the base topology (%s); retrying", exc)
+            return
+        if self._base_suspect:
+            log.info("base topology declared again")
+            self._catalog_written = None  # the catalog queue may be new and empty
+        self._base_suspect = False
 
     async def refresh_queue_counts(self) -> None:
         assert self._connection is not None
@@ -693,18 +1003,28 @@ class Controller:
                 continue
             if counts is None:
                 self._queue_counts.pop(model, None)
+                with contextlib.suppress(Exception):
+                    await self._stats_channel.close()
                 self._stats_channel = None  # a passive miss closed it
             else:
                 self._queue_counts[model] = counts
-                if counts[0] > 0 and model in self.routing.unrouted(self.registry.live_models()):
+                unbound = self.routing.unbound(model) and not self.registry.serving(model)
+                if counts[0] > 0 and unbound:
                     self._start_drain(model)
 
     async def _reassert_bindings(self) -> None:
-        assert self._channel is not None
+        channel = await self._usable_main_channel()
+        if channel is None:
+            return
         for model in sorted(self.registry.live_models()):
-            if self.routing.routable(model):
-                with contextlib.suppress(Exception):
-                    await self.topology.bind_model(self._channel, model)
+            if self.routing.routable(model) and not self._backing_off(model, self.clock()):
+                if channel.is_closed:
+                    return
+                try:
+                    await self.topology.bind_model(channel, model)
+                except Exception as exc:
+                    self._action_failed(model, self.clock())
+                    self._warn(f"action-{model}", "re-binding %s failed (%s)", model, exc)
 
     # -- status --------------------------------------------------------------------------
 
@@ -749,6 +1069,7 @@ class Controller:
             "modelfleet_workers": float(len(self.registry)),
             "modelfleet_controller_listen_only": float(self.listen_only),
             "modelfleet_controller_suspect_broker": float(self.suspect_broker),
+            "modelfleet_controller_heartbeat_consumer_up": float(self.heartbeat_consumer_up),
         }
 
     def models_status(self) -> list[dict[str, Any]]:

@@ -22,13 +22,11 @@ def build_app(controller: Controller) -> web.Application:
         return web.json_response({"workers": controller.workers_status()})
 
     async def healthz(_: web.Request) -> web.Response:
-        body = {
-            "healthy": controller.healthy,
-            "listen_only": controller.listen_only,
-            "instance": controller.instance,
-            "namespace": controller.names.ns,
-        }
-        return web.json_response(body, status=200 if controller.healthy else 503)
+        # Unhealthy (503) also while the heartbeat consumer is gone or the controller's own
+        # probe has not come back: such a controller would evict nobody and route nothing new.
+        body = controller.health()
+        body.update(instance=controller.instance, namespace=controller.names.ns)
+        return web.json_response(body, status=200 if body["healthy"] else 503)
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(

@@ -36,7 +36,23 @@ from modelfleet.stats import FleetStats, Outcome
 # count and no dashboard reads them (the switch is process-wide; only controllers import this).
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-__all__ = ["ControllerMetrics", "MetricsSource", "ModelFigures", "WorkerFigures"]
+__all__ = [
+    "EVICTION_REASONS",
+    "HEARTBEAT_INVALID_CAUSES",
+    "REPLY_REFUSED_REASONS",
+    "ROUTING_ACTIONS",
+    "ControllerMetrics",
+    "MetricsSource",
+    "ModelFigures",
+    "WorkerFigures",
+]
+
+# Label values known in advance: each series is exported at 0 from the start.
+HEARTBEAT_INVALID_CAUSES = ("not_json", "schema", "version", "too_large", "models_cap", "user")
+EVICTION_REASONS = ("timeout", "stopping", "stuck")
+ROUTING_ACTIONS = ("bind", "unbind")
+# reply_to is not a broker-issued direct reply-to address (modelfleet.addressing).
+REPLY_REFUSED_REASONS = ("not_direct_reply_to",)
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,7 @@ _FLEET_DOCS = {
     "modelfleet_workers": "Workers in the registry",
     "modelfleet_controller_listen_only": "1 during the controller's start-up listen window",
     "modelfleet_controller_suspect_broker": "1 while the mass-silence guard holds evictions",
+    "modelfleet_controller_heartbeat_consumer_up": "1 while the heartbeat consumer is registered",
 }
 
 _HISTOGRAMS = {
@@ -212,9 +229,29 @@ class ControllerMetrics:
             buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1),
             registry=self.registry,
         )
+        self.replies_refused = Counter(
+            "modelfleet_replies_refused",
+            "Error replies not sent because the job's reply_to is not a direct reply-to address",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.catalog_names_invalid = Counter(
+            "modelfleet_catalog_names_invalid",
+            "Model names read back from the catalog that fail the model-name rule (dropped)",
+            registry=self.registry,
+        )
         # Series that exist from the start, so dashboards show 0 rather than "no data".
-        for reason in ("timeout", "stopping", "stuck"):
+        for cause in HEARTBEAT_INVALID_CAUSES:
+            self.heartbeats_invalid.labels(cause)
+        for reason in EVICTION_REASONS:
             self.evictions.labels(reason)
+        for reason in sorted(_DEAD_REASONS | {"other"}):
+            self.dead_letters.labels("other", reason)
+        self.controller_dead_letters.labels("no_worker")
+        for action in ROUTING_ACTIONS:
+            self.routing_changes.labels(action)
+        for reason in REPLY_REFUSED_REASONS:
+            self.replies_refused.labels(reason)
 
     def attach(self, source: MetricsSource) -> None:
         self.registry.register(_FleetCollector(source))

@@ -5,9 +5,27 @@ ones after a restart. It answers three questions — who is alive, what does eac
 (workers, capacity, in-flight), and whom should the sweeper evict — and the routing table
 (:mod:`modelfleet.routing`) turns its answers into bind/unbind/drain actions.
 
+Heartbeats of one worker id are ordered by ``(started_at, seq)``: a worker restarted with the
+same id starts its ``seq`` at 1 again, and its first heartbeat (a later ``started_at``) replaces
+the old entry at once; a heartbeat of an older incarnation is ignored.
+
+Mass silence and how it ends. When most of a fleet goes quiet at once, the broker (a memory
+alarm, a partition) is the likelier culprit, so :meth:`Registry.sweep` holds evictions. The
+controller publishes a probe to the heartbeats fanout exchange every heartbeat interval and
+notes when it comes back (``vouched_at``). The probe travels the same exchange and queue as the
+heartbeats, in order: a probe that came back *after* a worker's deadline (last heartbeat +
+``timeout_s``) proves the broker carried fanout traffic while that worker said nothing, so the
+worker is really gone and is evicted even under mass silence. Workers not vouched for yet stay
+held. The bound on evicting a worker that really died, with the broker healthy, is::
+
+    timeout_s + probe interval (heartbeat.interval_s) + probe round trip + sweep_interval_s
+
+counted from its last heartbeat (the next probe after the deadline leaves within one interval,
+comes back after one round trip, and the next sweep acts on it).
+
 >>> registry = Registry()
 >>> registry.observe(heartbeat, now=time.monotonic())
->>> registry.sweep(now=time.monotonic(), timeout_s=6.0)
+>>> registry.sweep(now=time.monotonic(), timeout_s=6.0, vouched_at=probe_seen_at)
 """
 
 from __future__ import annotations
@@ -35,6 +53,7 @@ class Observation(StrEnum):
     ADDED = "added"
     UPDATED = "updated"
     REMOVED = "removed"  # a clean `stopping` heartbeat
+    RESTARTED = "restarted"  # a later incarnation (newer started_at) replaced the entry
     IGNORED = "ignored"  # stale (out of order) or for an unknown stopping worker
     REFUSED = "refused"  # would exceed the models cap
 
@@ -62,6 +81,8 @@ class WorkerInfo(BaseModel):
     pid: int
     version: str
     seq: int
+    # Wall-clock start of the worker process (its incarnation); orders heartbeats with seq.
+    started_at: float = 0.0
     # Monotonic time of the last heartbeat, on the controller's clock.
     last_heartbeat: float
     first_seen: float
@@ -92,10 +113,12 @@ class ModelView:
 @dataclass(frozen=True)
 class SweepResult:
     evicted: tuple[WorkerInfo, ...] = ()
-    # Set when most of the fleet went silent at once: the broker, not the workers, is suspect,
-    # and nobody was evicted.
+    # Set while most of the fleet is silent at once and some silent workers are held: the
+    # broker, not the workers, is suspect, and those workers were not evicted.
     suspect_broker: bool = False
     silent: tuple[str, ...] = field(default=())
+    # Silent workers kept (mass silence, not vouched for by a later probe).
+    held: tuple[str, ...] = field(default=())
 
 
 class Registry:
@@ -106,32 +129,46 @@ class Registry:
         # Workers per model, kept with every change: the models cap and model lookups cost
         # O(models of one heartbeat), not O(fleet) (10,000 workers register in about a second).
         self._model_workers: Counter[str] = Counter()
+        # Serving (ready) workers per model, kept the same way: routing asks per message.
+        self._serving_workers: Counter[str] = Counter()
         self._max_models = max_models
 
     def _store(self, info: WorkerInfo) -> None:
         previous = self._workers.get(info.worker_id)
         self._workers[info.worker_id] = info
-        if previous is not None and previous.models == info.models:
+        if previous is not None and previous.models == info.models and previous.state is info.state:
             return  # the usual heartbeat: nothing to recount
         if previous is not None:
-            self._uncount(previous.models)
+            self._uncount(previous)
         self._model_workers.update(info.models)
+        if info.serving:
+            self._serving_workers.update(info.models)
 
-    def _uncount(self, models: tuple[str, ...]) -> None:
+    @staticmethod
+    def _decrement(counts: Counter[str], models: tuple[str, ...]) -> None:
         for model in models:
-            self._model_workers[model] -= 1
-            if self._model_workers[model] <= 0:
-                del self._model_workers[model]
+            counts[model] -= 1
+            if counts[model] <= 0:
+                del counts[model]
+
+    def _uncount(self, info: WorkerInfo) -> None:
+        self._decrement(self._model_workers, info.models)
+        if info.serving:
+            self._decrement(self._serving_workers, info.models)
 
     def _delete(self, worker_id: str) -> WorkerInfo | None:
         info = self._workers.pop(worker_id, None)
         if info is not None:
-            self._uncount(info.models)
+            self._uncount(info)
         return info
 
     def serves(self, model: str) -> bool:
         """Whether any registered worker (ready or not) announced ``model``."""
         return self._model_workers.get(model, 0) > 0
+
+    def serving(self, model: str) -> bool:
+        """Whether a ready worker serves ``model`` (O(1): kept with every change)."""
+        return self._serving_workers.get(model, 0) > 0
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -146,14 +183,22 @@ class Registry:
         return sorted(self._workers.values(), key=lambda w: w.worker_id)
 
     def observe(self, hb: Heartbeat, *, now: float, wall_now: float | None = None) -> Observation:
-        """Record a heartbeat received at monotonic time ``now``."""
+        """Record a heartbeat received at monotonic time ``now``.
+
+        Ordered by ``(started_at, seq)``: a later incarnation replaces the entry at once
+        (:attr:`Observation.RESTARTED`), an earlier one is ignored."""
         previous = self._workers.get(hb.worker_id)
+        restarted = False
+        if previous is not None:
+            if hb.started_at < previous.started_at:
+                return Observation.IGNORED  # an older incarnation, late or replayed
+            restarted = hb.started_at > previous.started_at
         if hb.state is WorkerState.STOPPING:
             if previous is None:
                 return Observation.IGNORED
             self._delete(hb.worker_id)
             return Observation.REMOVED
-        if previous is not None and hb.seq < previous.seq:
+        if previous is not None and not restarted and hb.seq < previous.seq:
             return Observation.IGNORED
         if previous is None or set(hb.models) - set(previous.models):
             # The worker's own previous models are replaced, not added to: leave them out.
@@ -177,14 +222,17 @@ class Registry:
             pid=hb.pid,
             version=hb.version,
             seq=hb.seq,
+            started_at=hb.started_at,
             last_heartbeat=now,
-            first_seen=now if previous is None else previous.first_seen,
-            heartbeats=1 if previous is None else previous.heartbeats + 1,
+            first_seen=now if previous is None or restarted else previous.first_seen,
+            heartbeats=1 if previous is None or restarted else previous.heartbeats + 1,
             counters=hb.counters,
             lag_s=lag,
         )
         self._store(info)
-        return Observation.ADDED if previous is None else Observation.UPDATED
+        if previous is None:
+            return Observation.ADDED
+        return Observation.RESTARTED if restarted else Observation.UPDATED
 
     def remove(self, worker_id: str) -> WorkerInfo | None:
         return self._delete(worker_id)
@@ -202,6 +250,7 @@ class Registry:
         guard_min_workers: int = 3,
         evict: bool = True,
         quiet_after_s: float | None = None,
+        vouched_at: float | None = None,
     ) -> SweepResult:
         """Evict workers silent longer than ``timeout_s``.
 
@@ -212,7 +261,13 @@ class Registry:
         the guard counts workers *quiet* for ``quiet_after_s`` (default half the timeout), not
         only those already past the timeout: a fleet-wide silence is recognised before the
         first worker of it times out, not after half of it has been evicted one by one.
-        ``evict=False`` only reports.
+
+        The guard ends on its own: ``vouched_at`` is when the controller's own probe last came
+        back through the heartbeats exchange (same clock as ``now``). A silent worker whose
+        deadline (last heartbeat + ``timeout_s``) lies before ``vouched_at`` is evicted even
+        under mass silence: the broker carried fanout traffic after it went quiet. The others
+        are held, and ``suspect_broker`` is set only while some are held. ``evict=False`` only
+        reports.
         """
         silent = self.silent(now=now, timeout_s=timeout_s)
         ids = tuple(sorted(w.worker_id for w in silent))
@@ -221,20 +276,31 @@ class Registry:
         total = len(self._workers)
         quiet_after = timeout_s / 2 if quiet_after_s is None else quiet_after_s
         quiet = sum(1 for w in self._workers.values() if now - w.last_heartbeat > quiet_after)
+        held: list[WorkerInfo] = []
         if total >= guard_min_workers and quiet > guard_ratio * total:
-            return SweepResult(suspect_broker=True, silent=ids)
-        if not evict:
-            return SweepResult(silent=ids)
+            gone: list[WorkerInfo] = []
+            for worker in silent:
+                vouched = vouched_at is not None and vouched_at > worker.last_heartbeat + timeout_s
+                (gone if vouched else held).append(worker)
+            silent = gone
+        held_ids = tuple(sorted(w.worker_id for w in held))
+        if not evict or not silent:
+            return SweepResult(suspect_broker=bool(held), silent=ids, held=held_ids)
         for worker in silent:
             self._delete(worker.worker_id)
-        return SweepResult(evicted=tuple(sorted(silent, key=lambda w: w.worker_id)), silent=ids)
+        return SweepResult(
+            evicted=tuple(sorted(silent, key=lambda w: w.worker_id)),
+            suspect_broker=bool(held),
+            silent=ids,
+            held=held_ids,
+        )
 
     def model_names(self) -> set[str]:
         return set(self._model_workers)
 
     def live_models(self) -> set[str]:
-        """Models with at least one worker taking jobs."""
-        return {m for w in self._workers.values() if w.serving for m in w.models}
+        """Models with at least one worker taking jobs (O(models), not O(fleet))."""
+        return set(self._serving_workers)
 
     def models(self) -> dict[str, ModelView]:
         figures: dict[str, list[int]] = {}

@@ -71,6 +71,11 @@ class RoutingTable:
         route = self._routes.get(model)
         return route is not None and route.bound is True
 
+    def unbound(self, model: str) -> bool:
+        """Whether this controller unbound ``model`` (its backlog is then drained)."""
+        route = self._routes.get(model)
+        return route is not None and route.bound is False
+
     def plan(self, *, now: float, live: set[str], listen_only: bool) -> list[Action]:
         actions: list[Action] = []
         for model in live:

@@ -35,6 +35,7 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     ExchangeType,
 )
 
@@ -178,6 +179,18 @@ def controller_queue_arguments(heartbeat: HeartbeatSettings) -> dict[str, Any]:
     }
 
 
+def _untracked(channel: AbstractChannel, track: bool = False) -> dict[str, Any]:
+    """``declare_queue`` keywords that keep a robust channel from remembering a queue.
+
+    A robust channel keeps every queue object it declared (one more per call) and re-declares
+    and re-binds all of them when it reopens: a model queue unbound since would be bound again,
+    and one re-declared by someone else with other arguments would fail the reopen and leave the
+    channel closed for good. Declarations repeated by the controller are therefore untracked."""
+    if track or not isinstance(channel, AbstractRobustChannel):
+        return {}
+    return {"robust": False}
+
+
 class Topology:
     """Declares and binds modelfleet's exchanges and queues on a channel.
 
@@ -201,22 +214,32 @@ class Topology:
             self.names.heartbeats, ExchangeType.FANOUT, durable=True
         )
 
-    async def declare_dead(self, channel: AbstractChannel) -> AbstractExchange:
+    async def declare_dead(
+        self, channel: AbstractChannel, *, track: bool = True
+    ) -> AbstractExchange:
         dead = await channel.declare_exchange(self.names.dead, ExchangeType.FANOUT, durable=True)
         errors = await channel.declare_queue(
-            self.names.errors, durable=True, arguments=errors_queue_arguments(self.routing)
+            self.names.errors,
+            durable=True,
+            arguments=errors_queue_arguments(self.routing),
+            **_untracked(channel, track),
         )
         await errors.bind(dead)
         return dead
 
-    async def declare_jobs(self, channel: AbstractChannel) -> AbstractExchange:
+    async def declare_jobs(
+        self, channel: AbstractChannel, *, track: bool = True
+    ) -> AbstractExchange:
         """The jobs exchange with its alternate exchange and the unroutable queue behind it."""
-        await self.declare_dead(channel)
+        await self.declare_dead(channel, track=track)
         unroutable = await channel.declare_exchange(
             self.names.unroutable, ExchangeType.FANOUT, durable=True
         )
         queue = await channel.declare_queue(
-            self.names.unroutable, durable=True, arguments=unroutable_queue_arguments(self.names)
+            self.names.unroutable,
+            durable=True,
+            arguments=unroutable_queue_arguments(self.names),
+            **_untracked(channel, track),
         )
         await queue.bind(unroutable)
         return await channel.declare_exchange(
@@ -226,19 +249,37 @@ class Topology:
             arguments={"alternate-exchange": self.names.unroutable},
         )
 
-    async def declare_base(self, channel: AbstractChannel) -> None:
-        """Everything but model and controller queues."""
-        await self.declare_heartbeats(channel)
-        await self.declare_jobs(channel)
-        await self.declare_control(channel)
-        await channel.declare_queue(self.names.catalog, durable=True, arguments={"x-max-length": 1})
+    async def declare_unroutable_queue(self, channel: AbstractChannel) -> AbstractQueue:
+        """The unroutable queue with its binding, for its consumer: a robust channel that
+        remembers both re-creates them when it restores the consumer (queue deleted)."""
+        queue = await channel.declare_queue(
+            self.names.unroutable, durable=True, arguments=unroutable_queue_arguments(self.names)
+        )
+        await queue.bind(self.names.unroutable)
+        return queue
 
-    async def declare_model_queue(self, channel: AbstractChannel, model: str) -> AbstractQueue:
+    async def declare_base(self, channel: AbstractChannel, *, track: bool = True) -> None:
+        """Everything but model and controller queues. ``track=False``: a robust channel does not
+        remember the queues (for declarations repeated to heal the topology; see _untracked)."""
+        await self.declare_heartbeats(channel)
+        await self.declare_jobs(channel, track=track)
+        await self.declare_control(channel)
+        await channel.declare_queue(
+            self.names.catalog,
+            durable=True,
+            arguments={"x-max-length": 1},
+            **_untracked(channel, track),
+        )
+
+    async def declare_model_queue(
+        self, channel: AbstractChannel, model: str, *, track: bool = True
+    ) -> AbstractQueue:
         """Declare ``{ns}.model.{model}`` (not bound: the controller binds live models)."""
         return await channel.declare_queue(
             self.names.model_queue(model),
             durable=True,
             arguments=model_queue_arguments(self.names, self.routing),
+            **_untracked(channel, track),
         )
 
     async def declare_controller_queue(
@@ -285,23 +326,26 @@ class Topology:
         return queue
 
     async def bind_model(self, channel: AbstractChannel, model: str) -> None:
-        queue = await self.declare_model_queue(channel, model)
+        # Untracked: a robust channel would re-bind it on every reopen, even after an unbind.
+        queue = await self.declare_model_queue(channel, model, track=False)
         await queue.bind(self.names.jobs, routing_key=model)
 
     async def unbind_model(self, channel: AbstractChannel, model: str) -> None:
-        queue = await self.declare_model_queue(channel, model)
+        queue = await self.declare_model_queue(channel, model, track=False)
         await queue.unbind(self.names.jobs, routing_key=model)
 
     async def queue_counts(self, channel: AbstractChannel, model: str) -> tuple[int, int] | None:
-        """(ready messages, consumers) of a model queue, or None if it does not exist.
+        """(ready messages, consumers) of a model queue now, or None if it does not exist.
 
-        A passive declare of a missing queue closes the channel: use a channel kept for this.
+        Asked of the broker every time: a robust channel's passive ``declare_queue`` answers a
+        name it has seen from its cache, frozen at the first count. A passive declare of a
+        missing queue closes the channel: use a channel kept for this.
         """
+        underlay = await channel.get_underlay_channel()
         try:
-            queue = await channel.declare_queue(self.names.model_queue(model), passive=True)
+            result = await underlay.queue_declare(self.names.model_queue(model), passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None
-        result = queue.declaration_result
         return int(result.message_count or 0), int(result.consumer_count or 0)
 
     async def delete(

@@ -524,3 +524,110 @@ async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
+
+
+async def test_labelled_counters_with_known_labels_are_exported_at_zero_from_the_start(
+    ns: Namespace,
+) -> None:
+    settings = ns.settings()
+    async with AsyncExitStack() as stack:
+        controller = await stack.enter_async_context(Controller(settings))
+        server = StatusServer(controller, "127.0.0.1", 0)
+        await server.start()
+        stack.push_async_callback(server.stop)
+        async with (
+            aiohttp.ClientSession(base_url=server.url) as http,
+            http.get("/metrics") as response,
+        ):
+            text = await response.text()
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+        expected = [
+            *(
+                ("modelfleet_heartbeats_invalid_total", (("cause", cause),))
+                for cause in ("not_json", "schema", "version", "too_large", "models_cap", "user")
+            ),
+            *(
+                ("modelfleet_evictions_total", (("reason", reason),))
+                for reason in ("timeout", "stopping", "stuck")
+            ),
+            *(
+                ("modelfleet_dead_letters_total", (("model", "other"), ("reason", reason)))
+                for reason in ("no_worker", "expired", "delivery_limit", "worker_error")
+            ),
+            ("modelfleet_controller_dead_letters_total", (("reason", "no_worker"),)),
+            ("modelfleet_routing_changes_total", (("action", "bind"),)),
+            ("modelfleet_routing_changes_total", (("action", "unbind"),)),
+            ("modelfleet_replies_refused_total", (("reason", "not_direct_reply_to"),)),
+        ]
+        for key in expected:
+            assert samples.get(key) == 0.0, key
+
+
+async def test_an_error_reply_goes_only_to_a_direct_reply_to_address(
+    ns: Namespace, amqp_url: str
+) -> None:
+    """A job for an unknown model whose reply_to names the catalog queue: the NO_WORKER reply
+    must not be written into {ns}.catalog; the refusal is counted."""
+    settings = ns.settings()
+    async with AsyncExitStack() as stack:
+        controller = await stack.enter_async_context(Controller(settings))
+        connection = await stack.enter_async_context(broker(amqp_url))
+        errors = await ErrorQueue.open(connection, controller.topology)
+        producer = await RawProducer.open(connection, controller.topology)
+
+        async def catalog_written() -> bool:
+            return await ready_count(connection, ns.names.catalog) == 1
+
+        # After the listen window the controller writes its (empty) catalog.
+        await wait_for(catalog_written, what="the catalog written")
+        await producer.jobs.publish(
+            aio_pika.Message(
+                b'{"payload": 1}',
+                content_type="application/json",
+                message_id="hostile",
+                correlation_id="hostile",
+                reply_to=ns.names.catalog,
+            ),
+            routing_key="nobody-serves-this",
+        )
+        copy = await errors.wait_job("hostile")  # the controller has handled the job
+        assert header(copy, REASON_HEADER) == DeadReason.NO_WORKER
+        # The catalog queue holds at most the controller's own catalog (x-max-length 1: a reply
+        # would have pushed it out), never an error reply.
+        channel = await connection.channel()
+        catalog = await channel.declare_queue(ns.names.catalog, passive=True)
+        while (message := await catalog.get(no_ack=True, fail=False)) is not None:
+            assert message.type != "error"
+            assert set(json.loads(message.body)) == {"models", "written_at"}
+        await wait_for(
+            lambda: (
+                metric(
+                    controller,
+                    "modelfleet_replies_refused_total",
+                    {"reason": "not_direct_reply_to"},
+                )
+                == 1
+            ),
+            what="the refusal counted",
+        )
+
+
+async def test_catalog_names_that_fail_the_model_name_rule_are_dropped_and_counted(
+    ns: Namespace, amqp_url: str
+) -> None:
+    good = ns.model()
+    settings = ns.settings()
+    async with broker(amqp_url) as connection:
+        channel = await connection.channel()
+        await Topology(ns.names, settings.routing, settings.heartbeat).declare_base(channel)
+        planted = {"models": [good, "a*b", "x" * 300, "../etc", 42, "bad\nname"]}
+        await channel.default_exchange.publish(
+            aio_pika.Message(json.dumps(planted).encode()), routing_key=ns.names.catalog
+        )
+    async with Controller(settings) as controller:
+        assert controller.routing.known() == {good}
+        assert metric(controller, "modelfleet_catalog_names_invalid_total") == 5

@@ -317,3 +317,119 @@ def test_one_silent_worker_among_talking_ones_is_evicted() -> None:
     result = registry.sweep(now=10.0, timeout_s=6.0, guard_ratio=0.5, guard_min_workers=3)
     assert not result.suspect_broker
     assert [w.worker_id for w in result.evicted] == ["a"]
+
+
+# --- mass silence ends on its own: the controller's probe vouches for a real death ------------
+
+
+def test_a_probe_back_after_the_deadline_vouches_for_silent_workers_under_mass_silence() -> None:
+    """3 of 4 workers die at once with the broker healthy: once the controller's probe comes
+    back later than a dead worker's deadline (last heartbeat + timeout), it is evicted."""
+    registry = fleet("w1", "w2", "w3", "w4", now=0.0)
+    registry.observe(hb("w4", seq=1), now=6.5)
+    guard = {"timeout_s": TIMEOUT, "guard_ratio": 0.5, "guard_min_workers": 3}
+    # Probe back at 5.9: before the deadline (6.0) of w1..w3, so nobody is vouched for yet.
+    held = registry.sweep(now=6.6, vouched_at=5.9, **guard)  # type: ignore[arg-type]
+    assert held.suspect_broker and held.evicted == ()
+    assert held.held == ("w1", "w2", "w3")
+    assert len(registry) == 4
+    # Probe back at 6.2: later than every dead worker's deadline.
+    result = registry.sweep(now=6.7, vouched_at=6.2, **guard)  # type: ignore[arg-type]
+    assert [w.worker_id for w in result.evicted] == ["w1", "w2", "w3"]
+    assert not result.suspect_broker and result.held == ()
+    assert [w.worker_id for w in registry.workers()] == ["w4"]
+
+
+def test_only_workers_whose_deadline_the_probe_passed_are_evicted_the_others_held() -> None:
+    registry = Registry()
+    for worker_id, last in (("a", 0.0), ("b", 1.0), ("c", 2.0), ("d", 9.0)):
+        registry.observe(hb(worker_id), now=last)
+    # Deadlines: a 6, b 7, c 8. The probe came back at 7.5: a and b are gone for sure.
+    result = registry.sweep(now=8.5, timeout_s=TIMEOUT, vouched_at=7.5)
+    assert [w.worker_id for w in result.evicted] == ["a", "b"]
+    assert result.suspect_broker and result.held == ("c",)
+    assert sorted(w.worker_id for w in registry.workers()) == ["c", "d"]
+
+
+def test_a_probe_exactly_at_the_deadline_does_not_vouch() -> None:
+    registry = fleet("w1", "w2", "w3", now=0.0)
+    result = registry.sweep(now=7.0, timeout_s=TIMEOUT, vouched_at=TIMEOUT)
+    assert result.suspect_broker and result.evicted == ()
+    assert len(registry) == 3
+
+
+def test_vouched_workers_are_only_reported_when_evict_is_false() -> None:
+    registry = fleet("w1", "w2", "w3", now=0.0)
+    result = registry.sweep(now=7.0, timeout_s=TIMEOUT, vouched_at=6.5, evict=False)
+    assert result.evicted == () and not result.suspect_broker and result.held == ()
+    assert len(registry) == 3
+
+
+def test_without_a_probe_mass_silence_holds_as_before() -> None:
+    registry = fleet("w1", "w2", "w3", now=0.0)
+    result = registry.sweep(now=100.0, timeout_s=TIMEOUT, vouched_at=None)
+    assert result.suspect_broker and result.held == ("w1", "w2", "w3")
+    assert len(registry) == 3
+
+
+# --- a restarted worker (same id, new started_at) ---------------------------------------------
+
+
+def test_a_later_incarnation_replaces_the_entry_at_once_whatever_its_seq() -> None:
+    registry = Registry()
+    registry.observe(hb("w1", seq=500, started_at=1000.0, in_flight=3), now=10.0)
+    result = registry.observe(hb("w1", seq=1, started_at=2000.0, in_flight=0), now=11.0)
+    assert result is Observation.RESTARTED
+    info = registry.get("w1")
+    assert info is not None
+    assert (info.seq, info.started_at, info.in_flight) == (1, 2000.0, 0)
+    assert (info.first_seen, info.heartbeats) == (11.0, 1)
+    # Its following heartbeats are ordinary updates.
+    assert registry.observe(hb("w1", seq=2, started_at=2000.0), now=12.0) is Observation.UPDATED
+
+
+def test_an_older_incarnation_is_ignored_even_with_a_higher_seq() -> None:
+    registry = Registry()
+    registry.observe(hb("w1", seq=1, started_at=2000.0, in_flight=0), now=10.0)
+    late = hb("w1", seq=900, started_at=1000.0, in_flight=7)
+    assert registry.observe(late, now=11.0) is Observation.IGNORED
+    stopping = hb("w1", seq=901, started_at=1000.0, state=WorkerState.STOPPING)
+    assert registry.observe(stopping, now=11.5) is Observation.IGNORED
+    info = registry.get("w1")
+    assert info is not None and (info.in_flight, info.started_at) == (0, 2000.0)
+
+
+def test_a_restart_with_other_models_recounts_the_model_index() -> None:
+    registry = Registry()
+    registry.observe(hb("w1", ("a",), seq=9, started_at=1.0), now=0.0)
+    registry.observe(hb("w1", ("b",), seq=1, started_at=2.0), now=1.0)
+    assert registry.model_names() == {"b"}
+    assert registry.serving("b") and not registry.serving("a")
+
+
+# --- serving(model): an O(1) answer kept with every change -------------------------------------
+
+
+def test_serving_follows_states_joins_and_departures() -> None:
+    registry = Registry()
+
+    def check() -> None:
+        recount = {m for w in registry.workers() if w.serving for m in w.models}
+        assert registry.live_models() == recount
+        for model in ("a", "b", "c"):
+            assert registry.serving(model) is (model in recount)
+
+    registry.observe(hb("w1", ("a", "b"), seq=1), now=0.0)
+    registry.observe(hb("w2", ("b",), seq=1), now=0.0)
+    check()
+    registry.observe(hb("w1", ("a", "b"), seq=2, state=WorkerState.DRAINING), now=1.0)
+    check()
+    assert not registry.serving("a") and registry.serving("b")
+    registry.observe(hb("w1", ("a", "c"), seq=3), now=2.0)  # ready again, other models
+    check()
+    registry.observe(hb("w2", ("b",), seq=2, state=WorkerState.STOPPING), now=3.0)
+    check()
+    assert not registry.serving("b")
+    registry.sweep(now=100.0, timeout_s=1.0, guard_min_workers=99)
+    check()
+    assert registry.live_models() == set()

@@ -160,3 +160,14 @@ def test_forget_oldest_unrouted_makes_room_longest_unbound_first() -> None:
     assert table.known() == {"a", "live"}
     assert table.forget_oldest_unrouted(5, keep=set()) == ["a"]  # a bound model is never dropped
     assert table.known() == {"live"}
+
+
+def test_unbound_is_true_only_for_models_this_controller_unbound() -> None:
+    table = RoutingTable(grace_s=1.0)
+    assert not table.unbound("llama")  # unknown
+    table.learn(["llama"], now=0.0)
+    assert not table.unbound("llama")  # known from the catalog, binding state unknown
+    table.mark_bound("llama")
+    assert not table.unbound("llama")
+    table.mark_unbound("llama", now=5.0)
+    assert table.unbound("llama")

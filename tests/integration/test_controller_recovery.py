@@ -1,0 +1,471 @@
+"""The controller recovers on its own from faults the soak did not inject (issue 10): its
+heartbeat queue deleted, a channel error on its heartbeat channel, base exchanges and queues
+deleted; queue depths that follow the broker; a mass death with the broker healthy; a worker
+restarted under its old id. Every fault is made on the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aio_pika
+import aiohttp
+import aiormq
+import pytest
+
+from modelfleet.client import Client
+from modelfleet.config import Settings
+from modelfleet.controller import Controller
+from modelfleet.errors import ErrorCode, NoWorkerError
+from modelfleet.http import StatusServer
+from modelfleet.jobs import Job
+from modelfleet.messages import ErrorReply, Heartbeat
+from modelfleet.topology import Topology
+from modelfleet.worker import Worker
+from tests.conftest import Namespace
+from tests.helpers import wait_for
+from tests.integration.support import (
+    DIRECT_REPLY_TO,
+    RawProducer,
+    broker,
+    metric,
+    queue_exists,
+    ready_count,
+    wait_routable,
+)
+
+
+async def echo(job: Job) -> Any:
+    return job.payload
+
+
+async def slow(job: Job) -> Any:
+    await asyncio.sleep(0.3)
+    return job.payload
+
+
+def make_worker(settings: Settings, model: str, worker_id: str, **kw: Any) -> Worker:
+    return Worker(
+        kw.pop("handler", echo),
+        [model],
+        settings=settings,
+        worker_id=worker_id,
+        install_signal_handlers=False,
+        **kw,
+    )
+
+
+async def crash(worker: Worker) -> None:
+    """A crash as the broker sees it: the connection goes, no `stopping` heartbeat is sent."""
+    assert worker._connection is not None
+    await worker._connection.close()
+
+
+async def exchange_exists(connection: aio_pika.abc.AbstractConnection, name: str) -> bool:
+    channel = await connection.channel()
+    try:
+        await channel.declare_exchange(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    await channel.close()
+    return True
+
+
+def bound(source: str, destination: str) -> bool:
+    """Whether the broker lists a binding from ``source`` to ``destination``."""
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_bindings", "source_name", "destination_name"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    return any(line.split("\t") == [source, destination] for line in out.splitlines())
+
+
+async def a_new_worker_registers(
+    stack: AsyncExitStack, controller: Controller, settings: Settings, model: str, worker_id: str
+) -> None:
+    await stack.enter_async_context(make_worker(settings, model, worker_id))
+    await wait_for(lambda: worker_id in controller.registry, timeout=5, what=f"{worker_id} seen")
+
+
+# --- A: no zombie ------------------------------------------------------------------------------
+
+
+async def test_heartbeat_queue_deleted_under_the_controller_is_declared_and_consumed_again(
+    ns: Namespace, amqp_url: str
+) -> None:
+    model = ns.model()
+    settings = ns.settings()
+    async with AsyncExitStack() as stack:
+        controller = await stack.enter_async_context(Controller(settings))
+        await a_new_worker_registers(stack, controller, settings, model, "before")
+        connection = await stack.enter_async_context(broker(amqp_url))
+        channel = await connection.channel()
+        await channel.queue_delete(ns.names.controller_queue(controller.instance))
+
+        # The broker cancelled the consumer; heartbeats reach the controller again.
+        await a_new_worker_registers(stack, controller, settings, model, "after")
+        assert await queue_exists(connection, ns.names.controller_queue(controller.instance))
+        await wait_for(lambda: controller.healthy, timeout=5, what="healthy again")
+
+
+async def test_a_channel_error_on_the_heartbeat_channel_does_not_stop_heartbeats(
+    ns: Namespace,
+) -> None:
+    model = ns.model()
+    settings = ns.settings()
+    async with AsyncExitStack() as stack:
+        controller = await stack.enter_async_context(Controller(settings))
+        await a_new_worker_registers(stack, controller, settings, model, "before")
+        # Any channel-level error closes the channel: here a passive declare of a missing queue.
+        assert controller._hb_channel is not None
+        underlay = await controller._hb_channel.get_underlay_channel()
+        with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+            await underlay.queue_declare(f"{ns.name}.no-such-queue", passive=True)
+
+        await a_new_worker_registers(stack, controller, settings, model, "after")
+        await wait_for(lambda: controller.healthy, timeout=5, what="healthy again")
+
+
+async def test_healthz_is_503_while_the_heartbeat_consumer_is_gone(ns: Namespace) -> None:
+    settings = ns.settings(routing={"startup_listen_s": 0.2})
+    async with AsyncExitStack() as stack:
+        controller = await stack.enter_async_context(Controller(settings))
+        server = StatusServer(controller, "127.0.0.1", 0)
+        await server.start()
+        stack.push_async_callback(server.stop)
+        http = await stack.enter_async_context(aiohttp.ClientSession(base_url=server.url))
+
+        async def status() -> tuple[int, dict[str, Any]]:
+            async with http.get("/healthz") as response:
+                return response.status, await response.json()
+
+        async def healthy() -> bool:
+            return (await status())[0] == 200
+
+        await wait_for(healthy, timeout=5, what="healthy after start")
+        assert metric(controller, "modelfleet_controller_heartbeat_consumer_up") == 1
+        # Stop the keeper (so the consumer stays gone), then cancel the consumer.
+        keeper = next(t for t in controller._tasks if "keeper" in t.get_name())
+        keeper.cancel()
+        assert controller._hb_channel is not None and controller._hb_tag is not None
+        underlay = await controller._hb_channel.get_underlay_channel()
+        await underlay.basic_cancel(controller._hb_tag)
+        code, body = await status()
+        assert code == 503
+        assert body["heartbeat_consumer"] is False and body["healthy"] is False
+        assert metric(controller, "modelfleet_controller_heartbeat_consumer_up") == 0
+
+
+async def test_deleted_jobs_exchange_is_declared_again_and_live_models_bound_again(
+    ns: Namespace, amqp_url: str
+) -> None:
+    model = ns.model()
+    settings = ns.settings(routing={"stats_interval_s": 0.3})
+    async with AsyncExitStack() as stack:
+        controller = await stack.enter_async_context(Controller(settings))
+        await stack.enter_async_context(make_worker(settings, model, "w1"))
+        await wait_routable(controller, model)
+        connection = await stack.enter_async_context(broker(amqp_url))
+        channel = await connection.channel()
+        await channel.exchange_delete(ns.names.jobs)
+        assert not await exchange_exists(connection, ns.names.jobs)
+
+        # Re-declared and re-bound by the controller alone (no client declares it meanwhile).
+        await wait_for(
+            lambda: exchange_exists(connection, ns.names.jobs), timeout=8, what="{ns}.jobs back"
+        )
+        await wait_for(
+            lambda: asyncio.to_thread(bound, ns.names.jobs, ns.names.model_queue(model)),
+            timeout=8,
+            interval=0.3,
+            what="the live model bound again",
+        )
+        client = await stack.enter_async_context(Client(settings))
+        assert await client.submit(model, {"n": 1}, timeout=5) == {"n": 1}
+
+
+@pytest.mark.parametrize("fault", ["queue-deleted", "channel-error"])
+async def test_the_no_worker_consumer_comes_back_after_its_queue_is_deleted_or_its_channel_fails(
+    ns: Namespace, amqp_url: str, fault: str
+) -> None:
+    settings = ns.settings(routing={"stats_interval_s": 0.3})
+    async with AsyncExitStack() as stack:
+        controller = await stack.enter_async_context(Controller(settings))
+        connection = await stack.enter_async_context(broker(amqp_url))
+        producer = await RawProducer.open(connection, controller.topology)
+        await wait_for(lambda: not controller.listen_only, what="the end of the listen window")
+        job = await producer.publish(b'{"payload": 1}', model="nobody-serves-this")
+        assert isinstance(await producer.reply(job), ErrorReply)
+
+        if fault == "queue-deleted":
+            channel = await connection.channel()
+            await channel.queue_delete(ns.names.unroutable)
+        else:
+            assert controller._nw_channel is not None
+            underlay = await controller._nw_channel.get_underlay_channel()
+            with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+                await underlay.queue_declare(f"{ns.name}.no-such-queue", passive=True)
+        answered: list[str] = []
+
+        async def no_worker_again() -> bool:
+            # A job published while nothing is bound to {ns}.unroutable is lost (the broker
+            # drops it); keep publishing until one is answered.
+            job = await producer.publish(b'{"payload": 2}', model="nobody-serves-this")
+            await asyncio.sleep(0.3)
+            answered.extend(j for j in producer.replies if j == job)
+            return bool(answered)
+
+        await wait_for(no_worker_again, timeout=10, what="NO_WORKER answered again")
+        reply = producer.replies[answered[0]][0]
+        assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.NO_WORKER
+        assert await queue_exists(connection, ns.names.unroutable)
+
+
+# --- B: queue depth follows the broker ---------------------------------------------------------
+
+
+async def test_queue_depth_follows_the_broker_as_the_queue_drains(
+    ns: Namespace, amqp_url: str
+) -> None:
+    model = ns.model()
+    settings = ns.settings(routing={"stats_interval_s": 0.3})
+    stats = settings.routing.stats_interval_s
+    async with AsyncExitStack() as stack:
+        controller = await stack.enter_async_context(Controller(settings))
+        await stack.enter_async_context(
+            make_worker(settings, model, "w1", handler=slow, concurrency=1)
+        )
+        await wait_routable(controller, model)
+        client = await stack.enter_async_context(Client(settings))
+        connection = await stack.enter_async_context(broker(amqp_url))
+        jobs = [asyncio.create_task(client.submit(model, {"i": i}, timeout=30)) for i in range(20)]
+        try:
+
+            def depth() -> int | None:
+                row = next(m for m in controller.models_status() if m["name"] == model)
+                return row["queue_depth"]  # type: ignore[no-any-return]
+
+            await wait_for(lambda: (depth() or 0) >= 12, timeout=5, what="the backlog counted")
+            first = depth()
+            assert first is not None
+            # The worker takes one job every 0.3 s: within two stats intervals and a few jobs,
+            # the reported depth must have gone down with the broker's.
+            await wait_for(
+                lambda: (depth() or first) <= first - 3,
+                timeout=2 * stats + 4 * 0.3 + 1.0,
+                what=f"queue_depth below {first - 3}",
+            )
+            broker_depth = await ready_count(connection, ns.names.model_queue(model))
+            assert abs((depth() or 0) - broker_depth) <= 3, (depth(), broker_depth)
+        finally:
+            for task in jobs:
+                task.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
+
+
+async def test_jobs_in_an_unbound_model_queue_get_no_worker_not_their_deadline(
+    ns: Namespace, amqp_url: str
+) -> None:
+    model = ns.model()
+    settings = ns.settings(routing={"stats_interval_s": 0.3})
+    async with AsyncExitStack() as stack:
+        controller = await stack.enter_async_context(Controller(settings))
+        worker = make_worker(settings, model, "w1")
+        async with worker:
+            await wait_routable(controller, model)
+        await wait_for(
+            lambda: not controller.routing.routable(model), timeout=5, what=f"{model} unbound"
+        )
+        # Let a drain (if any) run over the empty queue first.
+        await wait_for(
+            lambda: all(t.done() for t in controller._drains.values()),
+            timeout=5,
+            what="no drain running",
+        )
+        connection = await stack.enter_async_context(broker(amqp_url))
+        producer = await RawProducer.open(connection, controller.topology)
+        # Straight into the unbound queue (as a job published just before the unbind would be).
+        job_id = "late-job"
+        message = aio_pika.Message(
+            b'{"payload": 1}',
+            content_type="application/json",
+            message_id=job_id,
+            correlation_id=job_id,
+            reply_to=DIRECT_REPLY_TO,
+        )
+        sent = time.monotonic()
+        await producer.channel.default_exchange.publish(
+            message, routing_key=ns.names.model_queue(model)
+        )
+        reply = await producer.reply(job_id, within=3 * settings.routing.stats_interval_s + 2)
+        assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.NO_WORKER
+        assert time.monotonic() - sent < settings.client.timeout_s
+        # A finished drain leaves nothing behind.
+        await wait_for(lambda: model not in controller._drains, timeout=8, what="drain pruned")
+
+
+# --- C: the registry does not freeze -----------------------------------------------------------
+
+
+async def test_a_real_mass_death_is_evicted_within_the_bound_and_gets_no_worker(
+    ns: Namespace,
+) -> None:
+    settings = ns.settings(heartbeat={"interval_s": 0.3, "timeout_s": 1.0, "sweep_interval_s": 0.1})
+    hb = settings.heartbeat
+    models = [ns.model(f"m{i}") for i in range(4)]
+    async with AsyncExitStack() as stack:
+        controller = await stack.enter_async_context(Controller(settings))
+        workers = [
+            await stack.enter_async_context(make_worker(settings, model, f"w{i}"))
+            for i, model in enumerate(models)
+        ]
+        for model in models:
+            await wait_routable(controller, model)
+        await wait_for(lambda: not controller.listen_only, what="the end of the listen window")
+        client = await stack.enter_async_context(Client(settings))
+
+        for worker in workers[:3]:  # most of the fleet dies at once; the broker is fine
+            await crash(worker)
+        crashed = time.monotonic()
+        dead = {"w0", "w1", "w2"}
+        # timeout + one probe interval + one sweep, plus a probe round trip and scheduling.
+        bound_s = hb.timeout_s + hb.interval_s + hb.sweep_interval_s + 1.0
+        await wait_for(
+            lambda: not dead & {w.worker_id for w in controller.registry.workers()},
+            timeout=bound_s,
+            what="the dead workers evicted",
+        )
+        assert time.monotonic() - crashed <= bound_s
+        assert "w3" in controller.registry
+        assert not controller.suspect_broker
+
+        for model in models[:3]:
+            await wait_for(
+                lambda m=model: not controller.routing.routable(m),
+                timeout=5,
+                what=f"{model} unbound",
+            )
+            with pytest.raises(NoWorkerError):
+                await client.submit(model, {"n": 1}, timeout=5)
+        assert await client.submit(models[3], {"n": 3}, timeout=5) == {"n": 3}
+
+
+async def test_a_worker_restarted_under_its_old_id_is_registered_at_once(ns: Namespace) -> None:
+    model = ns.model()
+    # A long timeout: the old entry would stay for 5 s if the restart were not recognised.
+    settings = ns.settings(heartbeat={"interval_s": 0.25, "timeout_s": 5.0})
+    async with AsyncExitStack() as stack:
+        controller = await stack.enter_async_context(Controller(settings))
+        old = make_worker(settings, model, "x", concurrency=1)
+        await stack.enter_async_context(old)
+        await wait_for(lambda: "x" in controller.registry, what="the first incarnation")
+        old._seq = 10_000  # it has run for a while
+        await wait_for(
+            lambda: getattr(controller.registry.get("x"), "seq", 0) > 10_000,
+            what="a late heartbeat of the first incarnation",
+        )
+        await crash(old)
+
+        new = make_worker(settings, model, "x", concurrency=3)
+        started = time.monotonic()
+        await stack.enter_async_context(new)
+        await wait_for(
+            lambda: getattr(controller.registry.get("x"), "concurrency", 0) == 3,
+            timeout=1.5,
+            what="the new incarnation registered",
+        )
+        assert time.monotonic() - started < settings.heartbeat.timeout_s
+        info = controller.registry.get("x")
+        assert info is not None and info.seq < 10_000
+
+
+# --- Topology.queue_counts reads the broker each time ------------------------------------------
+
+
+async def test_queue_counts_are_read_fresh_on_a_robust_channel(
+    ns: Namespace, amqp_url: str
+) -> None:
+    model = ns.model()
+    settings = ns.settings()
+    topology = Topology(ns.names, settings.routing, settings.heartbeat)
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        channel = await connection.channel()
+        await topology.declare_model_queue(channel, model)
+        assert await topology.queue_counts(channel, model) == (0, 0)
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"x"), routing_key=ns.names.model_queue(model)
+        )
+        # Confirmed publish: the message is in the queue; a cached count would still say 0.
+        assert await topology.queue_counts(channel, model) == (1, 0)
+    finally:
+        await connection.close()
+
+
+async def test_a_model_queue_redeclared_with_other_arguments_does_not_stop_the_controller(
+    ns: Namespace, amqp_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every bind of the hostile queue is refused (PRECONDITION_FAILED closes the channel); the
+    controller backs off that model, logs it rarely, and everything else goes on."""
+    hostile, model = ns.model("a"), ns.model("b")  # "a…" is planned before "b…"
+    settings = ns.settings()
+    async with AsyncExitStack() as stack:
+        connection = await stack.enter_async_context(broker(amqp_url))
+        channel = await connection.channel()
+        await channel.declare_queue(ns.names.model_queue(hostile), durable=True)  # classic
+        controller = await stack.enter_async_context(Controller(settings))
+        exchange = await channel.get_exchange(ns.names.heartbeats)
+        seq = 0
+
+        async def announce_hostile() -> None:  # a worker of the hostile model, heartbeats only
+            nonlocal seq
+            while True:
+                seq += 1
+                beat = Heartbeat(
+                    worker_id="fake", models=(hostile,), concurrency=1, sent_at=time.time(),
+                    interval_s=0.25, seq=seq,
+                )  # fmt: skip
+                await exchange.publish(aio_pika.Message(beat.model_dump_json().encode()), "")
+                await asyncio.sleep(0.2)
+
+        announcer = asyncio.create_task(announce_hostile())
+        stack.callback(announcer.cancel)
+        await wait_for(lambda: "fake" in controller.registry, what="the hostile model announced")
+        await stack.enter_async_context(make_worker(settings, model, "w1"))
+        await wait_routable(controller, model, within=8)
+        client = await stack.enter_async_context(Client(settings))
+        assert await client.submit(model, {"n": 1}, timeout=5) == {"n": 1}
+        with pytest.raises(NoWorkerError):
+            await client.submit("nobody-serves-this", {"n": 2}, timeout=5)
+        assert not controller.routing.routable(hostile)
+        refused = [r for r in caplog.records if hostile in r.getMessage()]
+        assert 1 <= len(refused) <= 3, [r.getMessage() for r in refused]
+
+
+async def test_the_dead_letter_tap_comes_back_after_its_queue_is_deleted(
+    ns: Namespace, amqp_url: str
+) -> None:
+    settings = ns.settings()
+    async with AsyncExitStack() as stack:
+        controller = await stack.enter_async_context(Controller(settings))
+        connection = await stack.enter_async_context(broker(amqp_url))
+        channel = await connection.channel()
+        await channel.queue_delete(ns.names.dead_tap(controller.instance))
+        dead = await channel.get_exchange(ns.names.dead)
+        labels = {"model": "other", "reason": "expired"}
+
+        async def counted_again() -> bool:
+            # While the tap is gone its copies are lost: keep dead-lettering until one counts.
+            headers = {"x-mf-reason": "expired"}
+            await dead.publish(aio_pika.Message(b"{}", headers=headers), routing_key="x")
+            await asyncio.sleep(0.2)
+            return metric(controller, "modelfleet_dead_letters_total", labels) > 0
+
+        await wait_for(counted_again, timeout=10, what="dead letters counted again")
+        assert await queue_exists(connection, ns.names.dead_tap(controller.instance))
