@@ -16,6 +16,15 @@ Guarantees: at most ``concurrency`` jobs run at once (prefetch per model queue, 
 across models); a job is acked only after its answer was published, so a worker that dies
 mid-job leaves it to another worker; a handler exception or an invalid job never stops the
 worker — the producer gets an error reply and the job goes to the error queue.
+
+Faults below the handler: every reply carries the ``attempt_id`` of its delivery; a reply that
+cannot be published because the delivery's channel is gone is no handler error (no error reply,
+no error copy, no ack: the broker redelivers the job; counted in ``replies_lost``). A job that
+never started (delivered while stopping or paused) is handed back by a confirmed republish, so
+it spends none of its ``x-delivery-limit``; one handed back after it started does. Heartbeats use
+a channel of their own. A model queue whose consumer is gone (queue deleted, channel closed) is
+consumed again within seconds, the heartbeats saying ``draining`` meanwhile, or the worker exits
+(see :class:`ResubscribePolicy`).
 """
 
 from __future__ import annotations
@@ -23,15 +32,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from secrets import token_hex
 from typing import Any, Literal
 
+import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
@@ -59,10 +71,11 @@ from modelfleet.messages import (
     WorkerState,
     check_model_name,
 )
-from modelfleet.publishing import publish, reply_properties
+from modelfleet.publishing import publish_on, reply_properties
 from modelfleet.security import amqp_user, declare_where_allowed
 from modelfleet.stats import Outcome, WorkerStats
 from modelfleet.topology import (
+    DEADLINE_HEADER,
     DeadReason,
     Names,
     Topology,
@@ -70,7 +83,7 @@ from modelfleet.topology import (
     json_message,
 )
 
-__all__ = ["Handler", "Worker"]
+__all__ = ["Handler", "ResubscribePolicy", "Worker", "handback_expiration", "handback_headers"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +101,104 @@ _DEAD_REASON_OF = {
 # A flood of bad jobs must not flood the log: each failure cause is logged at most this often
 # (every failure is still counted, in the heartbeat's counters).
 LOG_CAUSE_EVERY_S = 60.0
+# A reply publish that fails with one of these lost the delivery with its channel: the broker
+# requeues the job, so it is neither the handler's error nor a job to copy to the error queue.
+_TRANSPORT_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, aiormq.ChannelInvalidStateError)
+# How long a hand-back (a republish of a job that never started) may wait for its confirm.
+_HANDBACK_TIMEOUT_S = 5.0
+
+
+def handback_expiration(
+    headers: Mapping[str, Any] | None, expiration: Any, now: float
+) -> float | None:
+    """The expiration (seconds) of a job republished at ``now`` (epoch s).
+
+    The producer's deadline (header ``x-mf-deadline``, epoch ms) bounds it: the copy expires when
+    the original would have, at least 1 ms from now. Without the header the original expiration
+    (seconds, as aio-pika decodes it) is kept as it was; a job that had none never expires.
+    """
+    deadline = (headers or {}).get(DEADLINE_HEADER)
+    if isinstance(deadline, int) and not isinstance(deadline, bool):
+        return max(1, deadline - int(now * 1000)) / 1000
+    if isinstance(expiration, (int, float)) and not isinstance(expiration, bool):
+        return max(0.001, float(expiration))
+    return None
+
+
+def handback_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The headers of a republished job: the original's without the broker's delivery count
+    (the copy is a first delivery, which is what a job that never started is)."""
+    return {k: v for k, v in (headers or {}).items() if k != "x-delivery-count"}
+
+
+class ResubscribePolicy:
+    """When a worker re-subscribes a model queue nobody consumes for it any more, and when it
+    gives up (pure; the caller passes the clock).
+
+    ``grace_s`` leaves aio-pika's own recovery (channel reopen, consumer restore) the first go;
+    then the worker tries itself every ``retry_s`` (doubling up to ``max_retry_s``); after
+    ``give_up_s`` without a consumer it gives up and exits, so a supervisor restarts it.
+    """
+
+    WAIT = "wait"
+    RETRY = "retry"
+    GIVE_UP = "give_up"
+
+    def __init__(
+        self,
+        *,
+        grace_s: float = 2.0,
+        retry_s: float = 0.5,
+        max_retry_s: float = 5.0,
+        give_up_s: float = 30.0,
+    ) -> None:
+        self.grace_s = grace_s
+        self.retry_s = retry_s
+        self.max_retry_s = max_retry_s
+        self.give_up_s = give_up_s
+        self._since: dict[str, float] = {}
+        self._next: dict[str, float] = {}
+        self._wait: dict[str, float] = {}
+
+    @property
+    def missing(self) -> frozenset[str]:
+        """Models without a consumer right now."""
+        return frozenset(self._since)
+
+    def observe(self, model: str, consuming: bool, now: float) -> str:
+        """What to do about ``model`` at ``now``: WAIT, RETRY (re-subscribe now) or GIVE_UP."""
+        if consuming:
+            self._since.pop(model, None)
+            self._next.pop(model, None)
+            self._wait.pop(model, None)
+            return self.WAIT
+        since = self._since.setdefault(model, now)
+        if now - since >= self.give_up_s:
+            return self.GIVE_UP
+        due = self._next.setdefault(model, since + self.grace_s)
+        if now < due:
+            return self.WAIT
+        wait = self._wait.get(model, self.retry_s)
+        self._wait[model] = min(wait * 2, self.max_retry_s)
+        self._next[model] = now + wait
+        return self.RETRY
+
+    def forget(self, model: str) -> None:
+        """Stop watching ``model`` (paused or stopping: no consumer is expected)."""
+        self.observe(model, True, 0.0)
+
+
+class _ReplyLost(Exception):
+    """Internal: a reply could not be published because the delivery's channel is gone."""
+
+
+@dataclass
+class _Consumer:
+    """One model queue this worker consumes (``tag`` "" while paused)."""
+
+    model: str
+    queue: AbstractQueue
+    tag: str = ""
 
 
 class _HandlerKind:
@@ -134,8 +245,14 @@ class Worker:
         concurrency: jobs at once, overrides ``settings.worker.concurrency``.
         worker_id: stable identity in the registry (default: ``host-pid-random``).
         install_signal_handlers: :meth:`run` stops cleanly on SIGTERM/SIGINT (default True).
-        on_stuck: called when a job outlives ``worker.stuck_exit_s`` after the final heartbeat
-            (default: exit the process with status 75, so a supervisor restarts it).
+        on_stuck: called when the worker cannot go on — a job outlived ``worker.stuck_exit_s``,
+            or a model queue could not be consumed again within ``resubscribe.give_up_s`` —
+            after the final heartbeat (default: exit the process with status 75, so a supervisor
+            restarts it).
+
+    A model queue whose consumer is gone (the queue deleted, the channel closed by an error)
+    is consumed again within seconds of the queue existing again (see :attr:`resubscribe`);
+    meanwhile the heartbeats say ``draining``, never ``ready``.
     """
 
     def __init__(
@@ -162,6 +279,7 @@ class Worker:
         self.url = url or self.settings.amqp.url
         self.names = Names(namespace or self.settings.namespace)
         self.topology = Topology(self.names, self.settings.routing, self.settings.heartbeat)
+        self._queue_names = frozenset(self.names.model_queue(m) for m in self.models)
         self.concurrency = concurrency or self.settings.worker.concurrency
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -173,16 +291,38 @@ class Worker:
         self.state = WorkerState.READY
         self.counters: dict[str, int] = dict.fromkeys(JobCounters.model_fields, 0)
         self.stats = WorkerStats(self.models)
-        self._running: dict[str, float] = {}  # job id -> monotonic start
+        # This worker's wall-clock start: with seq it orders heartbeats of a reused worker_id.
+        self.started_at = time.time()
+        # Replies lost with their delivery's channel (the broker redelivers those jobs), and
+        # jobs that never started handed back by a republish (no delivery counted).
+        self.replies_lost = 0
+        self.handed_back = 0
+        self.resubscribe = ResubscribePolicy(
+            grace_s=max(2.0, 2 * self.settings.amqp.reconnect_interval_s)
+        )
+        # One token per delivery: replies carry it (attempt_id), and running jobs are keyed by
+        # it, so two deliveries of one job id are two entries. A random prefix and a counter:
+        # unique without a system call per job.
+        self._attempt_prefix = token_hex(4)
+        self._attempt_numbers = itertools.count(1)
+        self._running: dict[str, float] = {}  # attempt id -> monotonic start
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._handbacks: set[asyncio.Future[None]] = set()  # shielded from the stop grace
         self._slots = asyncio.Semaphore(self.concurrency)
         self._seq = 0
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._dead_channel: AbstractChannel | None = None
+        # Heartbeats have a channel of their own: a heartbeat the broker refuses (user_id,
+        # missing exchange) closes that channel only, never the one holding the running jobs.
+        self._hb_channel: AbstractChannel | None = None
         self._hb_exchange: AbstractExchange | None = None
+        self._probe: AbstractChannel | None = None  # the consumer watch's passive declares
+        self._deliveries = 0
+        self._deliveries_seen = 0
+        self._phantoms: set[str] = set()  # consumer tags the channel has, the queue does not serve
         self._dead_exchange: AbstractExchange | None = None
-        self._queues: list[tuple[AbstractQueue, str]] = []
+        self._consumers: list[_Consumer] = []
         self._hb_task: asyncio.Task[None] | None = None
         self._stop_requested = asyncio.Event()
         self._started = False
@@ -221,7 +361,7 @@ class Worker:
             in_flight=self.in_flight,
             oldest_job_age_s=self.oldest_job_age_s(now),
             stuck_jobs=sum(1 for t in self._running.values() if now - t > stuck_after),
-            state=state or self.state,
+            state=self._reported_state(state),
             speed=self.settings.worker.speed,
             host=socket.gethostname(),
             pid=os.getpid(),
@@ -234,7 +374,14 @@ class Worker:
             stop_reason=self._stop_reason
             if (state or self.state) is WorkerState.STOPPING
             else None,
+            started_at=self.started_at,
         )
+
+    def _reported_state(self, state: WorkerState | None) -> WorkerState:
+        # A worker missing a consumer must not look ready: the controller routes around it.
+        if state is None and self.state is WorkerState.READY and self.resubscribe.missing:
+            return WorkerState.DRAINING
+        return state or self.state
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -286,16 +433,14 @@ class Worker:
 
     async def _open(self) -> None:
         """Connect, declare and consume (:meth:`start` without the retries)."""
-        self._queues = []
+        self._consumers = []
         self._connection = await connect(self.settings.amqp, role="worker", url=self.url)
-        self._channel = await self._connection.channel(publisher_confirms=False)
-        # Quorum queues have no global QoS: prefetch is per consumer, the semaphore caps the sum.
-        # worker.prefetch above concurrency: jobs wait here for a slot instead of for an ack's
-        # round trip to the broker.
-        await self._channel.set_qos(
-            prefetch_count=max(self.concurrency, self.settings.worker.prefetch)
+        self._channel = await self._job_channel()
+        # Confirms: dead-letter copies and hand-backs (republished jobs) must reach their queue
+        # before the original is acked; a hand-back that no queue takes comes back (mandatory).
+        self._dead_channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
         )
-        self._dead_channel = await self._connection.channel(publisher_confirms=True)
         # A least-privilege worker may not declare the namespace: then it only checks it.
         await declare_where_allowed(
             self._connection,
@@ -303,17 +448,27 @@ class Worker:
             self.topology.declare_base,
             required=(self.names.heartbeats, self.names.dead),
         )
-        self._hb_exchange = await self._channel.get_exchange(self.names.heartbeats)
         self._dead_exchange = await self._dead_channel.get_exchange(self.names.dead)
-        # Before consuming: a job delivered before _started is handed back (a return counted
-        # against its delivery limit), so nothing slow may come between the two.
+        await self._heartbeat_exchange()
+        # Before consuming: a job delivered before _started is handed back, so nothing slow may
+        # come between the two.
         await self.cancels.start(self._connection, self.topology)
         for model in self.models:
             queue = await self.topology.declare_model_queue(self._channel, model)
             tag = "" if self._paused else await queue.consume(self._on_message)
-            self._queues.append((queue, tag))
+            self._consumers.append(_Consumer(model, queue, tag))
+
+    async def _job_channel(self) -> AbstractChannel:
+        assert self._connection is not None
+        channel = await self._connection.channel(publisher_confirms=False)
+        # Quorum queues have no global QoS: prefetch is per consumer, the semaphore caps the sum.
+        # worker.prefetch above concurrency: jobs wait here for a slot instead of for an ack's
+        # round trip to the broker.
+        await channel.set_qos(prefetch_count=max(self.concurrency, self.settings.worker.prefetch))
+        return channel
 
     async def _close_connection(self) -> None:
+        self._hb_channel = self._hb_exchange = self._probe = None
         connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(Exception):
@@ -353,9 +508,9 @@ class Worker:
         # handed back by _on_message).
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self.settings.heartbeat.interval_s):
-                for queue, tag in self._queues:
+                for consumer in self._consumers:
                     with contextlib.suppress(Exception):
-                        await queue.cancel(tag)
+                        await consumer.queue.cancel(consumer.tag)
         await self._send_heartbeat()
         pending = set(self._tasks)
         if pending:
@@ -367,6 +522,8 @@ class Worker:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=5)
+        if self._handbacks:
+            await asyncio.wait(set(self._handbacks), timeout=_HANDBACK_TIMEOUT_S)
         if self._hb_task is not None:
             self._hb_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -387,10 +544,11 @@ class Worker:
         self.state = WorkerState.DRAINING
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self.settings.heartbeat.interval_s):
-                for index, (queue, tag) in enumerate(self._queues):
+                for consumer in self._consumers:
+                    tag, consumer.tag = consumer.tag, ""
+                    self.resubscribe.forget(consumer.model)
                     if tag:
-                        self._queues[index] = (queue, "")
-                        await queue.cancel(tag)
+                        await consumer.queue.cancel(tag)
         await self._send_heartbeat()
 
     async def resume(self) -> None:
@@ -398,16 +556,43 @@ class Worker:
         if not self._paused or self._stop_requested.is_set():
             return
         self._paused = False
-        for index, (queue, tag) in enumerate(self._queues):
-            if not tag:
-                self._queues[index] = (queue, await queue.consume(self._on_message))
+        for consumer in self._consumers:
+            if not consumer.tag:
+                consumer.tag = await consumer.queue.consume(self._on_message)
         self.state = WorkerState.READY
         await self._send_heartbeat()
 
     # -- heartbeats ----------------------------------------------------------------------
 
+    async def _heartbeat_exchange(self) -> AbstractExchange:
+        """The heartbeats exchange on the heartbeat channel, reopened if the broker closed it.
+
+        A plain channel, not a robust one: a robust channel would re-check the exchange before
+        it reopens and stay closed while the exchange is missing; this one is simply opened
+        again for the next heartbeat.
+        """
+        if (
+            self._hb_exchange is not None
+            and self._hb_channel is not None
+            and not self._hb_channel.is_closed
+        ):
+            return self._hb_exchange
+        if self._connection is None:
+            raise aiormq.ChannelInvalidStateError("not connected")
+        old, self._hb_channel, self._hb_exchange = self._hb_channel, None, None
+        if old is not None and not old.is_closed:
+            with contextlib.suppress(Exception):
+                await old.close()
+        # Confirms: a refused heartbeat fails its own publish (and is logged) instead of
+        # passing silently while the broker closes the channel.
+        channel = aio_pika.Channel(self._connection, publisher_confirms=True)
+        await channel.initialize()
+        self._hb_channel = channel
+        self._hb_exchange = await channel.get_exchange(self.names.heartbeats, ensure=False)
+        return self._hb_exchange
+
     async def _send_heartbeat(self) -> None:
-        if self._hb_exchange is None:
+        if self._connection is None:
             return
         hb = self.heartbeat()
         message = json_message(
@@ -419,14 +604,18 @@ class Worker:
             user_id=amqp_user(self.url),
         )
         try:
-            await asyncio.wait_for(
-                self._hb_exchange.publish(message, routing_key="", mandatory=False),
-                timeout=self.settings.heartbeat.interval_s,
-            )
-        except Exception as exc:  # broker outage: keep serving, the next beat will tell
-            log.warning(
-                "worker %s: heartbeat not sent: %s", self.worker_id, exc or type(exc).__name__
-            )
+            async with asyncio.timeout(self.settings.heartbeat.interval_s):
+                exchange = await self._heartbeat_exchange()
+                await exchange.publish(message, routing_key="", mandatory=False)
+        except Exception as exc:  # broker outage, refusal: keep serving, the next beat will tell
+            self._hb_exchange = None
+            why = str(exc) or type(exc).__name__
+            if self._time_to_log(f"heartbeat:{type(exc).__name__}"):
+                log.warning(
+                    "worker %s: heartbeat not sent: %s (logged at most once a minute per cause)",
+                    self.worker_id,
+                    why,
+                )
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat.interval_s
@@ -436,7 +625,133 @@ class Worker:
             if stuck_exit is not None and self.oldest_job_age_s() > stuck_exit:
                 await self._exit_stuck(stuck_exit)
                 return
+            if not await self._watch_consumers():
+                return
             await self._send_heartbeat()
+
+    async def _consuming(self) -> set[str] | None:
+        """Consumer tags live on the job channel now; None when that cannot be told (the
+        connection is being re-established: aio-pika restores everything after)."""
+        channel, connection = self._channel, self._connection
+        if channel is None or connection is None or connection.is_closed:
+            return None
+        if channel.is_closed:
+            return set()
+        try:
+            async with asyncio.timeout(self.settings.heartbeat.interval_s):
+                underlay = await channel.get_underlay_channel()
+        except (TimeoutError, *_TRANSPORT_ERRORS):
+            return None
+        if underlay.is_closed:
+            return set()
+        # aiormq drops a consumer from this map when the broker cancels it (queue deleted).
+        consumers: Mapping[str, Any] = getattr(underlay, "consumers", {})
+        live = set(consumers)
+        delivered = self._deliveries != self._deliveries_seen
+        self._deliveries_seen = self._deliveries
+        self._phantoms = set()
+        for consumer in self._consumers:
+            if consumer.tag in live and not await self._queue_serves_us(consumer, delivered):
+                live.discard(consumer.tag)
+                self._phantoms.add(consumer.tag)
+        return live
+
+    async def _queue_serves_us(self, consumer: _Consumer, delivered: bool) -> bool:
+        """Does the broker's queue agree that we consume it? RabbitMQ 3.10 sends no cancel when
+        a quorum queue is deleted and at once declared again: the channel keeps a consumer the
+        new queue does not know. The queue then shows no consumer, or jobs left ready while
+        this worker, with prefetch to spare, got no delivery since the last look (a live
+        consumer with credit would have had them)."""
+        try:
+            async with asyncio.timeout(self.settings.heartbeat.interval_s):
+                probe = await self._probe_channel()
+                # A plain channel: a robust one answers a passive declare from its cache.
+                declared = await probe.declare_queue(consumer.queue.name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False  # the queue is gone
+        except Exception:
+            return True  # cannot tell now (an outage): aio-pika's recovery covers that
+        result = declared.declaration_result
+        if not result.consumer_count:
+            return False
+        spare = len(self._tasks) < max(self.concurrency, self.settings.worker.prefetch)
+        return delivered or not (result.message_count and spare)
+
+    async def _probe_channel(self) -> AbstractChannel:
+        if self._probe is not None and not self._probe.is_closed:
+            return self._probe
+        assert self._connection is not None
+        self._probe = aio_pika.Channel(self._connection, publisher_confirms=False)
+        await self._probe.initialize()
+        return self._probe
+
+    async def _watch_consumers(self) -> bool:
+        """Re-subscribe model queues that lost their consumer; False once it gave up (the
+        worker then exits)."""
+        if not self._started or self._paused:
+            return True
+        live = await self._consuming()
+        if live is None:
+            return True
+        now = time.monotonic()
+        due: list[_Consumer] = []
+        for consumer in self._consumers:
+            if not consumer.tag:
+                continue
+            action = self.resubscribe.observe(consumer.model, consumer.tag in live, now)
+            if action == ResubscribePolicy.GIVE_UP:
+                await self._exit_unconsumed(consumer.model)
+                return False
+            if action == ResubscribePolicy.RETRY:
+                due.append(consumer)
+        if due:
+            if self._time_to_log("resubscribe"):
+                log.warning(
+                    "worker %s: nothing consumes %s for this worker any more (queue deleted or "
+                    "channel closed); subscribing again (logged at most once a minute)",
+                    self.worker_id,
+                    ", ".join(self.names.model_queue(c.model) for c in due),
+                )
+            try:
+                async with asyncio.timeout(self.settings.heartbeat.interval_s * 4):
+                    await self._resubscribe(due)
+            except Exception as exc:
+                log.info("worker %s: subscribing again failed: %s", self.worker_id, exc)
+        return True
+
+    async def _resubscribe(self, consumers: list[_Consumer]) -> None:
+        """Consume these queues again (re-declared, with the same arguments as ever). If the
+        job channel itself is closed and aio-pika has not reopened it, a new channel replaces
+        it for every consumer."""
+        assert self._channel is not None
+        # A consumer the channel has but the queue does not serve holds the jobs the queue gave
+        # it (unacked, never delivered): only closing its channel returns them.
+        replaced = self._channel.is_closed or any(c.tag in self._phantoms for c in consumers)
+        if replaced:
+            old, self._channel = self._channel, await self._job_channel()
+            with contextlib.suppress(Exception):
+                await old.close()  # stops aio-pika's own attempts to restore it
+            consumers = [c for c in self._consumers if c.tag]
+        for consumer in consumers:
+            if not replaced:
+                # Forget the old tag so aio-pika's own recovery adds no second consumer.
+                with contextlib.suppress(Exception):
+                    await consumer.queue.cancel(consumer.tag)
+            queue = await self.topology.declare_model_queue(self._channel, consumer.model)
+            consumer.tag = await queue.consume(self._on_message)
+            consumer.queue = queue
+            log.info("worker %s consumes %s again", self.worker_id, queue.name)
+
+    async def _exit_unconsumed(self, model: str) -> None:
+        log.error(
+            "worker %s: could not consume %s again for %.0fs; exiting so a supervisor restarts it",
+            self.worker_id,
+            self.names.model_queue(model),
+            self.resubscribe.give_up_s,
+        )
+        self.state = WorkerState.STOPPING
+        await self._send_heartbeat()
+        self.on_stuck()
 
     async def _exit_stuck(self, limit_s: float) -> None:
         """A job outlived ``worker.stuck_exit_s``: say so, then leave so the broker requeues.
@@ -459,27 +774,113 @@ class Worker:
     # -- jobs ----------------------------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._deliveries += 1  # the consumer watch: a consumer that gets jobs is alive
         if message.delivery_tag is not None:
             self._acks.delivered(message.channel, message.delivery_tag)
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
+        began = False
         try:
             async with self._slots:
                 if not self._started or self._paused:
-                    # Stopping or paused: hand the job back untouched for another worker.
-                    self.counters["requeued"] += 1
-                    await self._settle(message, requeue=True)
+                    # Stopping or paused: the job never started; another worker runs it.
+                    await self._hand_back(message)
                     return
+                began = True
                 await self._process(message)
         except asyncio.CancelledError:
-            # Stop grace ran out: give the job back so another worker runs it.
-            self.counters["requeued"] += 1
-            await self._settle(message, requeue=True)
+            if _channel_of(message) is None:
+                # aiormq cancels the consumer tasks of a channel that closed: the broker has
+                # requeued the job with it, nothing is left to settle (the batcher forgets
+                # closed channels itself).
+                raise
+            # Stop grace ran out: give the job back so another worker runs it. One that ran
+            # is returned to the broker (which counts the delivery); one that only waited for
+            # a slot is handed back without spending its delivery limit.
+            if began:
+                self.counters["requeued"] += 1
+                await self._settle(message, requeue=True)
+            else:
+                await self._hand_back(message)
             raise
         finally:
             if task is not None:
                 self._tasks.discard(task)
+
+    def _queue_of(self, message: AbstractIncomingMessage) -> str | None:
+        """The model queue a delivery came from: its routing key is the model (through the
+        jobs exchange) or the queue's name (a job handed back through the default exchange)."""
+        key = message.routing_key or ""
+        if key in self.models:
+            return self.names.model_queue(key)
+        if key in self._queue_names:
+            return key
+        for consumer in self._consumers:
+            if consumer.tag and consumer.tag == message.consumer_tag:
+                return consumer.queue.name
+        return None
+
+    async def _hand_back(self, message: AbstractIncomingMessage) -> None:
+        """Return a job that never started without spending its delivery limit.
+
+        A nack with requeue counts as a delivery on a quorum queue (x-delivery-limit), so a
+        rolling restart would dead-letter jobs that never ran. Instead the job is republished
+        to its model queue (confirmed, same body and properties, expiring when the producer's
+        deadline passes, no delivery count) and the original acked; if that fails, it is
+        nacked as before. The republish is shielded: a stop that cancels this task while it
+        waits for the confirm must not also requeue the original.
+        """
+        self.counters["requeued"] += 1
+        task = asyncio.ensure_future(self._republish_and_settle(message))
+        self._handbacks.add(task)
+        task.add_done_callback(self._handbacks.discard)
+        await asyncio.shield(task)
+
+    async def _republish_and_settle(self, message: AbstractIncomingMessage) -> None:
+        if await self._republish(message):
+            self.handed_back += 1
+            await self._settle(message)
+        else:
+            await self._settle(message, requeue=True)
+
+    async def _republish(self, message: AbstractIncomingMessage) -> bool:
+        queue = self._queue_of(message)
+        channel = self._dead_channel
+        if queue is None or channel is None or _channel_of(message) is None:
+            # A closed delivery channel: the broker has requeued the job already.
+            return False
+        copy = aio_pika.Message(
+            message.body,
+            headers=handback_headers(message.headers),
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            delivery_mode=message.delivery_mode,
+            priority=message.priority,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            expiration=handback_expiration(message.headers, message.expiration, time.time()),
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            type=message.type,
+            app_id=message.app_id,
+        )
+        try:
+            async with asyncio.timeout(_HANDBACK_TIMEOUT_S):
+                # mandatory: a queue deleted meanwhile returns the copy (DeliveryError), so the
+                # original is nacked instead of acked into nowhere.
+                await channel.default_exchange.publish(copy, routing_key=queue, mandatory=True)
+        except Exception as exc:
+            if self._time_to_log(f"handback:{type(exc).__name__}"):
+                log.info(
+                    "worker %s: job %s not republished (%s); requeued instead (logged at most "
+                    "once a minute per cause)",
+                    self.worker_id,
+                    message.message_id,
+                    str(exc) or type(exc).__name__,
+                )
+            return False
+        return True
 
     def _parse(self, message: AbstractIncomingMessage) -> Job:
         model = message.routing_key or ""
@@ -533,15 +934,18 @@ class Worker:
             stream=request.stream,
             attempt=attempt,
             sent_at=request.sent_at,
+            cancel_digest=request.cancel_digest,
         )
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
         model = message.routing_key or (self.models[0] if len(self.models) == 1 else "?")
         job_id = message.message_id or message.correlation_id or "?"
         started = time.monotonic()
-        self._running[job_id] = started
+        attempt_id = f"{self._attempt_prefix}{next(self._attempt_numbers):x}"
+        self._running[attempt_id] = started
         failure: _Failure | None = None
         cancelled = False
+        lost: _ReplyLost | None = None
         result: Any = None
         chunks = 0
         try:
@@ -557,9 +961,13 @@ class Worker:
                     DeadReason.EXPIRED,
                     "the producer's deadline passed before a worker could start the job",
                 )
-            result, chunks = await self.cancels.run(job_id, self._run_handler(job, message))
+            result, chunks = await self.cancels.run(
+                job_id, self._run_handler(job, message, attempt_id)
+            )
         except JobCancelled:
             cancelled = True
+        except _ReplyLost as caught:
+            lost = caught
         except _Failure as caught:
             failure = caught
         except InvalidJobError as exc:
@@ -586,7 +994,10 @@ class Worker:
                 ErrorCode.WORKER_ERROR, DeadReason.WORKER_ERROR, f"handler raised {text}"
             )
         finally:
-            self._running.pop(job_id, None)
+            self._running.pop(attempt_id, None)
+        if lost is not None:
+            await self._lost(message, job_id, lost)
+            return
         if cancelled:
             # The producer is gone: no answer, no error copy; ack and free the slot.
             self.counters["cancelled"] += 1
@@ -598,9 +1009,13 @@ class Worker:
                 worker_id=self.worker_id,
                 duration_s=time.monotonic() - started,
                 chunks=chunks,
+                attempt_id=attempt_id,
             )
             try:
                 await self._reply(message, reply)
+            except _ReplyLost as caught:
+                await self._lost(message, job_id, caught)
+                return
             except (TypeError, ValueError) as exc:  # the handler returned something not JSON-able
                 failure = _Failure(
                     ErrorCode.WORKER_ERROR,
@@ -626,7 +1041,9 @@ class Worker:
         self.counters[counter] += 1
         self.stats.job_done(model, outcome, duration_s)
 
-    async def _run_handler(self, job: Job, message: AbstractIncomingMessage) -> tuple[Any, int]:
+    async def _run_handler(
+        self, job: Job, message: AbstractIncomingMessage, attempt_id: str
+    ) -> tuple[Any, int]:
         """Run the handler; returns (result, chunks sent)."""
         if self._kind == _HandlerKind.ASYNC:
             return await self._bounded(self.handler(job), job), 0
@@ -634,7 +1051,7 @@ class Worker:
             # A thread cannot be cancelled: it holds its slot until it returns, and shows up in
             # heartbeats as a stuck job if it never does.
             return await asyncio.to_thread(self.handler, job), 0
-        streamed: tuple[Any, int] = await self._bounded(self._stream(job, message), job)
+        streamed: tuple[Any, int] = await self._bounded(self._stream(job, message, attempt_id), job)
         return streamed
 
     async def _bounded(self, awaitable: Any, job: Job) -> Any:
@@ -651,7 +1068,9 @@ class Worker:
                 "the handler did not finish before the producer's deadline",
             ) from None
 
-    async def _stream(self, job: Job, message: AbstractIncomingMessage) -> tuple[Any, int]:
+    async def _stream(
+        self, job: Job, message: AbstractIncomingMessage, attempt_id: str
+    ) -> tuple[Any, int]:
         items: AsyncIterator[Any]
         if self._kind == _HandlerKind.ASYNC_GEN:
             items = self.handler(job)
@@ -667,7 +1086,8 @@ class Worker:
                 break
             if job.stream:
                 # The first chunk goes out at once: time to first token is what a user waits on.
-                await self._reply(message, ChunkReply(seq=seq, data=item), flush=seq == 0)
+                chunk = ChunkReply(seq=seq, data=item, attempt_id=attempt_id)
+                await self._reply(message, chunk, flush=seq == 0)
                 if seq == 0 and job.sent_at is not None:
                     # Time to first chunk as the producer sees it: from publish, queue included.
                     self.stats.first_chunk(job.model, time.time() - job.sent_at)
@@ -683,15 +1103,27 @@ class Worker:
     async def _reply(
         self, message: AbstractIncomingMessage, reply: BaseModel, *, flush: bool = False
     ) -> None:
-        if not message.reply_to or self._channel is None:
+        """Publish ``reply`` on the channel the job came in on. Raises :class:`_ReplyLost` if
+        that channel is gone: the delivery went back to the queue with it, so the job will run
+        again, and this attempt must neither go on streaming nor be answered or acked."""
+        if not message.reply_to:
             return
         body = reply.model_dump_json().encode()
         properties = reply_properties(
             message.correlation_id or message.message_id, getattr(reply, "kind", "reply")
         )
-        await publish(
-            self._channel, body, properties, exchange="", routing_key=message.reply_to, flush=flush
-        )
+        channel = _channel_of(message)
+        if channel is None:
+            raise _ReplyLost(f"the channel of the delivery is closed ({type(reply).__name__})")
+        try:
+            # On the delivery's own channel, never its successor; a channel that started
+            # closing raises, and no frame of it follows its CloseOk (which would make the
+            # broker close the whole connection): see modelfleet.publishing.
+            await publish_on(
+                channel, body, properties, exchange="", routing_key=message.reply_to, flush=flush
+            )
+        except _TRANSPORT_ERRORS as exc:
+            raise _ReplyLost(str(exc) or type(exc).__name__) from exc
 
     def _time_to_log(self, cause: str) -> bool:
         """True at most once every LOG_CAUSE_EVERY_S per ``cause``: a fault that hits every job
@@ -716,10 +1148,17 @@ class Worker:
                 failure.cause,
                 failure.message,
             )
-        with contextlib.suppress(Exception):
+        try:
             await self._reply(
                 message, ErrorReply.build(failure.code, failure.message, model=model, job_id=job_id)
             )
+        except _ReplyLost as caught:
+            # The delivery is gone with its channel: the attempt that gets it next fails (or
+            # not) on its own and copies then; a copy now would be a second one.
+            await self._lost(message, job_id, caught)
+            return
+        except Exception as exc:
+            log.debug("job %s: error reply not sent: %s", job_id, exc)
         copy = dead_copy(message, reason=failure.reason, error=failure.message, model=model)
         try:
             assert self._dead_exchange is not None
@@ -731,24 +1170,53 @@ class Worker:
             return
         await self._settle(message)
 
+    async def _lost(self, message: AbstractIncomingMessage, job_id: str, lost: _ReplyLost) -> None:
+        """A reply could not be sent because the delivery's channel is gone: no error reply, no
+        error copy, no ack — the broker redelivers the job. Counted in :attr:`replies_lost`."""
+        self.replies_lost += 1
+        if self._time_to_log("reply_lost"):
+            log.warning(
+                "worker %s: reply to job %s lost with its channel (%s); the broker redelivers "
+                "the job (logged at most once a minute; %d so far)",
+                self.worker_id,
+                job_id,
+                lost,
+                self.replies_lost,
+            )
+        if message.delivery_tag is not None and _channel_of(message) is not None:
+            # The publish failed on a channel still open: give the job back explicitly.
+            await self._settle(message, requeue=True)
+
     async def _settle(
         self, message: AbstractIncomingMessage, *, requeue: bool = False, reject: bool = False
     ) -> None:
         tag = message.delivery_tag
-        if not requeue and not reject and tag is not None:
-            self._acks.ack(message.channel, tag)  # batched: written on the next loop turn
+        channel = _channel_of(message)
+        if tag is None or channel is None:
+            # The delivery's channel died: the broker has already requeued the job, and an ack
+            # on the new channel would be for a delivery tag it never issued.
             return
-        if tag is not None:
-            self._acks.settled(message.channel, tag)
+        if not requeue and not reject:
+            self._acks.ack(channel, tag)  # batched: written on the next loop turn
+            return
         try:
+            # Through the batcher, so no multiple ack can overtake this frame (modelfleet.acks).
             if requeue:
-                await message.nack(requeue=True)
+                await self._acks.nack(channel, tag)
             else:
-                await message.reject(requeue=False)
+                await self._acks.reject(channel, tag)
         except Exception as exc:
             # The delivery's channel died: the broker has already requeued the job, and an ack
             # on the new channel would be for a delivery tag it never issued.
             log.info("job %s: not settled (%s); the broker requeued it", message.message_id, exc)
+
+
+def _channel_of(message: AbstractIncomingMessage) -> aiormq.abc.AbstractChannel | None:
+    """The channel a delivery came on, or None once it is closed (aio-pika then raises)."""
+    try:
+        return message.channel
+    except aiormq.ChannelInvalidStateError:
+        return None
 
 
 class _ThreadIterator:
