@@ -86,6 +86,12 @@ class JobCounters(_Message):
     requeued: int = Field(0, ge=0)
     # Jobs the producer cancelled (modelfleet.cancel): skipped before they started, or stopped.
     cancelled: int = Field(0, ge=0)
+    # Jobs that never started, handed back by a republish (their delivery limit untouched).
+    handed_back: int = Field(0, ge=0)
+    # Replies lost with their delivery's channel: the broker redelivers those jobs.
+    reply_lost: int = Field(0, ge=0)
+    # Jobs refused because their reply_to is not a direct reply-to address.
+    reply_refused: int = Field(0, ge=0)
 
 
 class Heartbeat(_Message):

@@ -19,7 +19,9 @@ worker — the producer gets an error reply and the job goes to the error queue.
 
 Faults below the handler: every reply carries the ``attempt_id`` of its delivery; a reply that
 cannot be published because the delivery's channel is gone is no handler error (no error reply,
-no error copy, no ack: the broker redelivers the job; counted in ``replies_lost``). A job that
+no error copy, no ack: the broker redelivers the job; counted in ``reply_lost``). Replies go
+only to direct reply-to addresses: a job whose ``reply_to`` is anything else is refused as
+invalid before it runs (counted in ``reply_refused``). A job that
 never started (delivered while stopping or paused) is handed back by a confirmed republish, so
 it spends none of its ``x-delivery-limit``; one handed back after it started does. Heartbeats use
 a channel of their own. A model queue whose consumer is gone (queue deleted, channel closed) is
@@ -56,6 +58,7 @@ from pydantic import BaseModel, ValidationError
 
 from modelfleet import __version__
 from modelfleet.acks import AckBatcher
+from modelfleet.addressing import is_direct_reply_to
 from modelfleet.cancel import JobCancelled, JobCanceller
 from modelfleet.config import Settings
 from modelfleet.connections import connect
@@ -293,10 +296,6 @@ class Worker:
         self.stats = WorkerStats(self.models)
         # This worker's wall-clock start: with seq it orders heartbeats of a reused worker_id.
         self.started_at = time.time()
-        # Replies lost with their delivery's channel (the broker redelivers those jobs), and
-        # jobs that never started handed back by a republish (no delivery counted).
-        self.replies_lost = 0
-        self.handed_back = 0
         self.resubscribe = ResubscribePolicy(
             grace_s=max(2.0, 2 * self.settings.amqp.reconnect_interval_s)
         )
@@ -338,6 +337,16 @@ class Worker:
         self._acks = AckBatcher()  # finished jobs are acked in batches, one per loop turn
 
     # -- figures -------------------------------------------------------------------------
+
+    @property
+    def replies_lost(self) -> int:
+        """Replies lost with their delivery's channel (the broker redelivered those jobs)."""
+        return self.counters["reply_lost"]
+
+    @property
+    def handed_back(self) -> int:
+        """Jobs that never started, handed back without spending their delivery limit."""
+        return self.counters["handed_back"]
 
     @property
     def in_flight(self) -> int:
@@ -839,7 +848,7 @@ class Worker:
 
     async def _republish_and_settle(self, message: AbstractIncomingMessage) -> None:
         if await self._republish(message):
-            self.handed_back += 1
+            self.counters["handed_back"] += 1
             await self._settle(message)
         else:
             await self._settle(message, requeue=True)
@@ -917,6 +926,17 @@ class Worker:
                 DeadReason.INVALID,
                 f"job names model {request.model!r} but came from the queue of {model!r}",
                 cause="wrong_model",
+            )
+        if message.reply_to and not is_direct_reply_to(message.reply_to):
+            # Replies through the default exchange would land in whatever queue reply_to
+            # names (the catalog, another model's queue): refuse the job before it runs.
+            self.counters["reply_refused"] += 1
+            raise _Failure(
+                ErrorCode.INVALID_JOB,
+                DeadReason.INVALID,
+                f"reply_to {message.reply_to[:100]!r} is not a direct reply-to address "
+                "(amq.rabbitmq.reply-to)",
+                cause="reply_to",
             )
         headers = message.headers or {}
         count = headers.get("x-delivery-count")
@@ -1106,8 +1126,8 @@ class Worker:
         """Publish ``reply`` on the channel the job came in on. Raises :class:`_ReplyLost` if
         that channel is gone: the delivery went back to the queue with it, so the job will run
         again, and this attempt must neither go on streaming nor be answered or acked."""
-        if not message.reply_to:
-            return
+        if not message.reply_to or not is_direct_reply_to(message.reply_to):
+            return  # no reply wanted, or an address refused in _parse
         body = reply.model_dump_json().encode()
         properties = reply_properties(
             message.correlation_id or message.message_id, getattr(reply, "kind", "reply")
@@ -1172,8 +1192,8 @@ class Worker:
 
     async def _lost(self, message: AbstractIncomingMessage, job_id: str, lost: _ReplyLost) -> None:
         """A reply could not be sent because the delivery's channel is gone: no error reply, no
-        error copy, no ack — the broker redelivers the job. Counted in :attr:`replies_lost`."""
-        self.replies_lost += 1
+        error copy, no ack — the broker redelivers the job. Counted in the heartbeat's ``reply_lost``."""
+        self.counters["reply_lost"] += 1
         if self._time_to_log("reply_lost"):
             log.warning(
                 "worker %s: reply to job %s lost with its channel (%s); the broker redelivers "
@@ -1181,7 +1201,7 @@ class Worker:
                 self.worker_id,
                 job_id,
                 lost,
-                self.replies_lost,
+                self.counters["reply_lost"],
             )
         if message.delivery_tag is not None and _channel_of(message) is not None:
             # The publish failed on a channel still open: give the job back explicitly.

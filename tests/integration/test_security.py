@@ -16,6 +16,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -425,3 +426,46 @@ async def test_worker_heartbeats_carry_the_user_of_its_url(ns: Namespace) -> Non
         async with worker:
             await wait_for(lambda: len(seen) >= 2, what="two heartbeats")
     assert set(seen) == {amqp_user(ns.amqp_url)}
+
+
+async def test_a_worker_refuses_a_job_whose_reply_to_is_not_direct_reply_to(
+    ns: Namespace, amqp_url: str
+) -> None:
+    """A producer names {ns}.catalog as reply_to: the worker must not write the answer into that
+    queue (replies go through the default exchange). The job is refused as invalid before it
+    runs, copied to the error queue, and counted in the heartbeat's reply_refused."""
+    ran: list[str] = []
+
+    async def handler(job: Job) -> object:
+        ran.append(job.job_id)
+        return {"hijacked": True}
+
+    settings = ns.settings()
+    topology = Topology(ns.names, settings.routing, settings.heartbeat)
+    async with AsyncExitStack() as stack:
+        connection = await stack.enter_async_context(broker(amqp_url))
+        channel = await connection.channel(publisher_confirms=True)
+        await topology.declare_base(channel)
+        errors = await ErrorQueue.open(connection, topology)
+        worker = Worker(handler, ["m"], settings=settings, install_signal_handlers=False)
+        await stack.enter_async_context(worker)
+        await topology.bind_model(channel, "m")  # routable without a controller
+        body = json.dumps({"model": "m", "payload": {"prompt": "x"}}).encode()
+        for job_id, reply_to in (("hostile", ns.names.catalog), ("fine", None)):
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    body,
+                    content_type="application/json",
+                    message_id=job_id,
+                    correlation_id=job_id,
+                    reply_to=reply_to,
+                ),
+                routing_key=ns.names.model_queue("m"),
+            )
+        copy = await errors.wait_job("hostile")
+        assert header(copy, "x-mf-reason") == "invalid"
+        assert "reply_to" in header(copy, "x-mf-error")
+        await wait_for(lambda: ran == ["fine"], what="the job without reply_to run")
+        assert worker.counters["reply_refused"] == 1
+        catalog = await channel.declare_queue(ns.names.catalog, passive=True)
+        assert catalog.declaration_result.message_count == 0
