@@ -16,13 +16,15 @@ an HTTP client of the gateway gone). The worker side is :class:`JobCanceller`:
   worker then acks the job and the slot is free at once.
 
 **Only a job's producer can cancel it.** Anyone who may publish to ``{ns}.control`` can send a
-cancel, and a job id is no secret (it travels in every message of the job). So each job carries
-``cancel_digest``, the SHA-256 of a key only its producer knows (:func:`cancel_key`: a keyed
-BLAKE2b of the job id under a secret drawn once per :class:`~modelfleet.Client`, so no system
-call per job), and a cancel is obeyed only if it carries a key whose SHA-256 is that digest
-(:func:`key_matches`): at once for a running job, on arrival for a job that comes later (the key
-is remembered with the id). A cancel without a valid key is ignored and counted
-(:attr:`JobCanceller.refused`); a job without a digest cannot be cancelled by a message.
+cancel, and a job id is no secret (it travels in every message of the job). So the job id is
+derived from a key only its producer knows: ``key`` is a keyed BLAKE2b of a counter under a
+secret drawn once per :class:`~modelfleet.Client` (:func:`cancel_key`, no system call per job)
+and ``job_id = sha256(key)[:32]`` (:func:`job_id_for`). A cancel ``{"cancel": job_id, "key":
+key}`` is valid iff the key hashes to the id (:func:`key_matches`), which a worker checks on
+arrival with no job at hand: a forged cancel is dropped at once and counted
+(:attr:`JobCanceller.refused`), never stored, so no flood of them can push a valid one out; a
+valid one is remembered until the job's deadline. A job id that is not such a hash (another
+producer's, a replay of a job from before this scheme) cannot be cancelled by a message.
 
 A handler running in a thread (a plain function or generator) cannot be interrupted: it runs to
 its end, its answer is dropped by the producer, and only jobs it has not started are skipped.
@@ -61,7 +63,6 @@ from modelfleet.jobs import Job
 from modelfleet.topology import Topology, json_message
 
 __all__ = [
-    "MAX_KEYS_PER_JOB",
     "MAX_REMEMBERED",
     "MAX_REMEMBER_S",
     "CancelPublisher",
@@ -70,8 +71,8 @@ __all__ = [
     "JobCancelled",
     "JobCanceller",
     "cancel_body",
-    "cancel_digest",
     "cancel_key",
+    "job_id_for",
     "key_matches",
     "parse_cancel",
 ]
@@ -84,17 +85,11 @@ T = TypeVar("T")
 MAX_REMEMBERED = 100_000
 # ... each for at most this long (a cancel without a deadline is kept this long).
 MAX_REMEMBER_S = 3600.0
-# Keys remembered per cancelled job id (the newest): a job that has not reached a worker yet
-# cannot tell a forged key from its producer's, so a few are kept; more is someone flooding.
-MAX_KEYS_PER_JOB = 4
 # A cancel is sent in the background; closing a client waits this long for the last ones.
 CLOSE_WAIT_S = 1.0
 # One publish of a cancel may take this long (a broker outage must not pile up tasks forever).
 PUBLISH_TIMEOUT_S = 5.0
 _MAX_BODY = 1024
-# Digests of jobs between check() and the end of run(); beyond this, those not running are
-# dropped (a job that passed check() but never ran).
-_MAX_DIGESTS = 10_000
 _MAX_KEY = 128
 
 
@@ -107,21 +102,23 @@ class JobCancelled(Exception):
         self.started = started
 
 
-def cancel_key(secret: bytes, job_id: str) -> str:
-    """The key that cancels ``job_id``: only who holds ``secret`` (its producer) can make it."""
-    return hashlib.blake2b(job_id.encode(), key=secret, digest_size=16).hexdigest()
+def cancel_key(secret: bytes, counter: int) -> str:
+    """The ``counter``-th cancel key of the producer holding ``secret``: 32 hex digits no one
+    else can make (a keyed BLAKE2b: no system call per job)."""
+    return hashlib.blake2b(counter.to_bytes(8, "big"), key=secret, digest_size=16).hexdigest()
 
 
-def cancel_digest(key: str) -> str:
-    """What a job carries (``JobRequest.cancel_digest``): SHA-256 hex of its cancel key."""
-    return hashlib.sha256(key.encode()).hexdigest()
+def job_id_for(key: str) -> str:
+    """The id of the job that ``key`` cancels: the first 32 hex digits of its SHA-256."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def key_matches(key: str, digest: str | None) -> bool:
-    """Does ``key`` cancel a job that carries ``digest``? Never for a job without one."""
-    if not digest or not key:
+def key_matches(key: str, job_id: str) -> bool:
+    """Does ``key`` cancel ``job_id``? Only if the id is the key's hash (see the module
+    docstring); never an empty key."""
+    if not key or not job_id:
         return False
-    return hmac.compare_digest(cancel_digest(key), digest)
+    return hmac.compare_digest(job_id_for(key), job_id)
 
 
 class CancelRequest(NamedTuple):
@@ -134,7 +131,7 @@ class CancelRequest(NamedTuple):
 
 def cancel_body(job_id: str, deadline: float | None = None, key: str = "") -> bytes:
     """The control message that cancels ``job_id`` (``deadline``: the job's, epoch seconds;
-    ``key``: :func:`cancel_key` of the job, without which no worker obeys it)."""
+    ``key``: the job's :func:`cancel_key`, without which no worker obeys it)."""
     body: dict[str, Any] = {"cancel": job_id}
     if key:
         body["key"] = key
@@ -167,13 +164,12 @@ def parse_cancel(body: bytes) -> CancelRequest | None:
 
 
 class CancelledJobs:
-    """Job ids cancelled recently, each with the keys its cancels carried: bounded in count
-    (ids, and :data:`MAX_KEYS_PER_JOB` keys per id) and in time (pure; clock injected).
+    """Job ids cancelled recently: bounded in count and in time (pure; clock injected).
 
     >>> jobs = CancelledJobs(max_ids=2, max_keep_s=60)
-    >>> jobs.add("a", keep_s=10, now=0.0, key="k")
-    >>> jobs.keys("a", now=5.0), jobs.keys("a", now=11.0)
-    (('k',), ())
+    >>> jobs.add("a", keep_s=10, now=0.0)
+    >>> jobs.contains("a", now=5.0), jobs.contains("a", now=11.0)
+    (True, False)
     """
 
     def __init__(
@@ -181,43 +177,33 @@ class CancelledJobs:
     ) -> None:
         self.max_ids = max_ids
         self.max_keep_s = max_keep_s
-        # job id -> (forget after (monotonic), keys newest last)
-        self._until: OrderedDict[str, tuple[float, tuple[str, ...]]] = OrderedDict()
+        self._until: OrderedDict[str, float] = OrderedDict()  # job id -> forget after (monotonic)
 
     def __len__(self) -> int:
         return len(self._until)
 
-    def add(self, job_id: str, *, keep_s: float | None, now: float, key: str = "") -> None:
+    def add(self, job_id: str, *, keep_s: float | None, now: float) -> None:
         keep = self.max_keep_s if keep_s is None else min(max(keep_s, 0.0), self.max_keep_s)
-        _, keys = self._until.pop(job_id, (0.0, ()))
-        if key and key not in keys:
-            keys = (*keys, key)[-MAX_KEYS_PER_JOB:]
-        self._until[job_id] = (now + keep, keys)
+        self._until.pop(job_id, None)
+        self._until[job_id] = now + keep
         self.purge(now)
         while len(self._until) > self.max_ids:
             self._until.popitem(last=False)
 
     def contains(self, job_id: str, *, now: float) -> bool:
-        entry = self._until.get(job_id)
-        return entry is not None and entry[0] >= now
-
-    def keys(self, job_id: str, *, now: float) -> tuple[str, ...]:
-        """The keys of the cancels received for ``job_id`` (none: not cancelled, or forgotten)."""
-        entry = self._until.get(job_id)
-        if entry is None or entry[0] < now:
-            return ()
-        return entry[1]
+        until = self._until.get(job_id)
+        return until is not None and until >= now
 
     def purge(self, now: float) -> None:
         """Forget expired ids (insertion order is close to expiry order: stop at a live one)."""
         while self._until:
-            job_id, (until, _) = next(iter(self._until.items()))
+            job_id, until = next(iter(self._until.items()))
             if until >= now:
                 return
             del self._until[job_id]
 
     def snapshot(self, *, now: float) -> set[str]:
-        return {job_id for job_id, (until, _) in self._until.items() if until >= now}
+        return {job_id for job_id, until in self._until.items() if until >= now}
 
 
 async def _plain_channel(
@@ -264,7 +250,7 @@ class JobCanceller:
     """The worker's side: which jobs are cancelled, and the tasks of the running ones.
 
     A cancel is obeyed only with the job's key (see the module docstring); :attr:`refused`
-    counts those that were not (no key, a wrong one, a job without a digest).
+    counts those dropped on arrival (no key, or one that does not hash to the job id).
 
     Args:
         instance: names the worker's control queue (``{ns}.control.{instance}-{random}``).
@@ -290,9 +276,6 @@ class JobCanceller:
         # Job id -> the tasks running it here: more than one when a job is delivered again
         # while its first delivery still runs (a cancel stops them all).
         self._running: dict[str, list[asyncio.Task[Any]]] = {}
-        # The digest of each job that passed check() and may be running: run() gets only the
-        # job id, and a cancel for a running job is checked against this.
-        self._digests: dict[str, str] = {}
         self._requested: set[asyncio.Task[Any]] = set()
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None  # a strong reference: the robust channel
@@ -301,41 +284,30 @@ class JobCanceller:
     # -- decisions ---------------------------------------------------------------------
 
     def is_cancelled(self, job_id: str) -> bool:
-        """A cancel (valid or not: the key is checked against the job) came for ``job_id``."""
+        """A valid cancel came for ``job_id`` (and is still remembered)."""
         return self.memory.contains(job_id, now=self.clock())
 
     def check(self, job: Job) -> None:
         """Raise :class:`JobCancelled` if ``job`` was cancelled by its producer before it
-        started (a remembered cancel carrying the job's key)."""
-        digest = job.cancel_digest
-        keys = self.memory.keys(job.job_id, now=self.clock())
-        if keys:
-            if any(key_matches(key, digest) for key in keys):
-                if job.job_id not in self._running:
-                    self._digests.pop(job.job_id, None)
-                raise JobCancelled(job.job_id, started=False)
-            self.refused += 1
-        if digest:
-            if len(self._digests) >= _MAX_DIGESTS:
-                # Jobs that passed check() and never ran (expired at once): forget them.
-                for stale in [j for j in self._digests if j not in self._running]:
-                    del self._digests[stale]
-            self._digests[job.job_id] = digest
+        started (only valid cancels are remembered: no key to check here)."""
+        if self.memory.contains(job.job_id, now=self.clock()):
+            raise JobCancelled(job.job_id, started=False)
 
     def cancel(self, job_id: str, deadline: float | None = None, key: str = "") -> bool:
-        """Remember the cancel of ``job_id`` (with its ``key``, checked when the job arrives)
-        and stop the job if it runs here and ``key`` is its key; True if it was stopped."""
+        """Obey a cancel of ``job_id`` if ``key`` is its key (else drop it, counted in
+        :attr:`refused`): remember it until ``deadline`` and stop the job if it runs here;
+        True if it was stopped."""
+        if not key_matches(key, job_id):
+            self.refused += 1
+            return False
         keep = None if deadline is None else deadline - time.time() + 1.0
-        self.memory.add(job_id, keep_s=keep, now=self.clock(), key=key)
+        self.memory.add(job_id, keep_s=keep, now=self.clock())
         tasks = [
             task
             for task in self._running.get(job_id, ())
             if not task.done() and task not in self._requested
         ]
         if not tasks:
-            return False
-        if not key_matches(key, self._digests.get(job_id)):
-            self.refused += 1
             return False
         for task in tasks:
             self._requested.add(task)
@@ -347,11 +319,7 @@ class JobCanceller:
         :class:`JobCancelled`. Any other cancellation (stop grace) propagates unchanged."""
         task = asyncio.current_task()
         if task is None or not self.cancel_running:
-            try:
-                return await awaitable
-            finally:
-                if job_id not in self._running:
-                    self._digests.pop(job_id, None)
+            return await awaitable
         running = self._running.setdefault(job_id, [])
         running.append(task)
         try:
@@ -366,7 +334,6 @@ class JobCanceller:
             running.remove(task)
             if not running:
                 del self._running[job_id]
-                self._digests.pop(job_id, None)
         if task in self._requested:
             # The handler swallowed the cancellation and returned: undo our request so later
             # awaits of this task (the reply, the ack) are not cancelled.
@@ -476,6 +443,9 @@ class CancelPublisher:
     async def _ready_exchange(self) -> AbstractExchange:
         if self._exchange is not None and self._channel is not None and not self._channel.is_closed:
             return self._exchange
+        # After a connection loss (a job reported CONNECTION_LOST is cancelled): wait for the
+        # reconnection, within this publish's timeout.
+        await self.connection.ready()
         # Confirms: a refused publish then fails this publish (and turns cancels off) instead
         # of closing the channel silently before every next one.
         self._channel = await _plain_channel(self.connection, confirms=True)

@@ -15,17 +15,23 @@ producer gave up is never run later.
 A job abandoned before its answer — :meth:`Client.cancel`, a ``submit`` task cancelled, a
 :class:`JobStream` closed (``async with``, :meth:`JobStream.aclose`) or broken out of — is
 cancelled on the workers too (see :mod:`modelfleet.cancel`): not started if still queued, its
-handler stopped if running. Only this client can cancel its jobs: each carries the digest of a
-key derived from a secret of this client.
+handler stopped if running. Only this client can cancel its jobs: a job's id is the hash of a
+key derived from a secret of this client, and a cancel must carry that key.
 
 Faults (README, failure behaviour):
 
 * The channel closed (a channel error, or the connection lost): jobs the broker had confirmed
   fail at once with ``CONNECTION_LOST`` (their answers would come back on the dead channel);
   jobs not confirmed yet are published again once the channel is back, within their timeout.
-  The client re-arms itself after the robust channel reopens, whatever closed it.
+  The client re-arms itself after the robust channel reopens, whatever closed it; should the
+  channel stay closed while the connection is up (a failed reopen), a watchdog reopens it.
+  A job reported ``CONNECTION_LOST`` is cancelled on the workers (best effort).
+* The broker refuses the publish itself (no write permission on ``{ns}.jobs``, say): the job
+  fails at once with :class:`~modelfleet.errors.BrokerError` naming the user and exchange; it
+  is not retried (a retry would only close the channel again).
 * The jobs exchange does not exist (deleted): the job fails at once with ``NO_WORKER`` naming
-  the exchange; the client serves again as soon as it exists.
+  the exchange (and is cancelled, in case an earlier attempt was queued); the client serves
+  again as soon as it exists.
 * A stream whose job restarted on another worker after chunks reached the caller ends with
   :class:`~modelfleet.errors.StreamRestartedError` (50009) and the new attempt is cancelled:
   the chunks of two attempts are never spliced.
@@ -35,10 +41,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
-import random
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -50,7 +56,7 @@ import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from pydantic import ValidationError
 
-from modelfleet.cancel import CancelPublisher, cancel_digest, cancel_key
+from modelfleet.cancel import CancelPublisher, cancel_key, job_id_for
 from modelfleet.config import Settings
 from modelfleet.connections import connect
 from modelfleet.errors import (
@@ -74,7 +80,7 @@ from modelfleet.messages import (
     check_model_name,
     parse_reply,
 )
-from modelfleet.publishing import job_properties, publish_on
+from modelfleet.publishing import closing, job_properties, publish_on
 from modelfleet.security import declare_where_allowed
 from modelfleet.topology import DEADLINE_HEADER, Names, Topology
 
@@ -88,6 +94,12 @@ DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 _REPUBLISH_PAUSE_S = 0.1
 # Pause before consuming replies again when that failed on a channel that is still open.
 _REARM_PAUSE_S = 0.5
+# The watchdog reopens a channel still closed this long after amqp.reconnect_interval_s
+# (aio-pika's own reopen comes well within it), and logs a persistent failure at most so often.
+_WATCHDOG_GRACE_S = 2.0
+_WATCHDOG_LOG_EVERY_S = 30.0
+# The PRECONDITION_FAILED that a job's body above the broker's max_message_size gets (final).
+_MESSAGE_TOO_BIG = "larger than configured max size"
 
 _Reply = ResultReply | ChunkReply | ErrorReply
 
@@ -101,6 +113,17 @@ class _Lost:
     def __init__(self, cause: str, epoch: int) -> None:
         self.cause = cause
         self.epoch = epoch
+
+
+class _Closed:
+    """Queued for each pending job when the client closes (internal)."""
+
+
+_CLOSED = _Closed()
+
+
+def _closed_error() -> BrokerError:
+    return BrokerError("client is closed: use it inside 'async with Client(...)'")
 
 
 class Client:
@@ -128,11 +151,10 @@ class Client:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._resuming: set[asyncio.Task[None]] = set()  # reply consumers being set up again
-        # Job ids: 128 random bits from a generator seeded by the OS, without a system call per
-        # job (uuid4 and secrets make one). Ids only need to be unique: they are no capability
-        # (cancelling a job takes its key, derived from _secret; see modelfleet.cancel).
-        self._ids = random.Random(os.urandom(32))
+        # A job's cancel key is a keyed hash of a counter under this secret, its id the hash
+        # of the key (modelfleet.cancel): unique, unforgeable, and no system call per job.
         self._secret = os.urandom(32)
+        self._counter = itertools.count()
         self._pending: dict[str, _Job] = {}
         # Streams created and not iterated yet: only Client.cancel looks here.
         self._unstarted: weakref.WeakValueDictionary[str, _Job] = weakref.WeakValueDictionary()
@@ -147,6 +169,7 @@ class Client:
         self._arming = asyncio.Lock()
         self._closing = False
         self._canceller: CancelPublisher | None = None
+        self._watchdog: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -202,12 +225,20 @@ class Client:
 
     async def close(self) -> None:
         self._closing = True
+        # Wake publishes waiting for the channel (they see _closing and fail at once), and
+        # answer jobs waiting for a reply: nothing can reach them any more.
+        self._ready.set()
+        for job in list(self._pending.values()):
+            job.replies.put_nowait(_CLOSED)
         canceller, self._canceller = self._canceller, None
         if canceller is not None:
             await canceller.aclose()  # the last cancels go out first
-        for task in list(self._resuming):
-            task.cancel()
+        for task in [*self._resuming, self._watchdog]:
+            if task is not None:
+                task.cancel()
+        self._watchdog = None
         connection, self._connection = self._connection, None
+        self._channel = None
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -221,28 +252,33 @@ class Client:
     @property
     def ready(self) -> bool:
         """The channel is open with its reply consumer: a job is published at once."""
-        return self._ready.is_set()
+        return self._ready.is_set() and not self._closing
 
     async def _arm(self) -> None:
         """Consume direct reply-to on the channel's current aiormq channel, then let publishes
         through (once per aiormq channel, however many callbacks ask).
 
-        Straight on aiormq's channel: aio-pika would wrap every reply in an IncomingMessage and
-        a task of its own, a tenth of the client's CPU per job (bench/README.md)."""
+        Straight on aiormq's channel: aio-pika would wrap every reply in an IncomingMessage
+        (aiormq 7.2 still runs each delivery in a task of its own), a tenth of the client's CPU
+        per job (bench/README.md)."""
         async with self._arming:
-            assert self._channel is not None
+            if self._channel is None or self._closing:
+                return
             underlay = await self._channel.get_underlay_channel()
             if underlay is not self._armed:
                 old = self._armed
-                if old is not None and old.is_closed and self._epoch == self._armed_epoch:
+                if old is not None and closing(old) and self._epoch == self._armed_epoch:
                     # Replaced before its close callback ran: what was sent on it is lost.
                     self._channel_lost("the channel was replaced")
-                epoch = self._epoch
                 await underlay.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
-                self._armed, self._armed_epoch = underlay, epoch
-            epoch = self._armed_epoch
-            # A close since we started is the next reopen's business.
-            if self._epoch == epoch and not underlay.is_closed and not self._closing:
+                if closing(underlay):
+                    return  # closed while we armed it: the next reopen (or the watchdog) re-arms
+                # The epoch now, not before the await: the old channel's close callback may
+                # have run meanwhile (a new epoch), and this channel belongs to the new one.
+                self._armed, self._armed_epoch = underlay, self._epoch
+            elif closing(underlay):
+                return
+            if self._epoch == self._armed_epoch and not self._closing:
                 self._ready.set()
 
     def _on_reopened(self, *_: object) -> None:
@@ -280,6 +316,7 @@ class Client:
         # Publishing before the reply consumer is restored would make the broker close the
         # channel again (PRECONDITION_FAILED: fast reply consumer does not exist).
         self._ready.clear()
+        self._watch()
         dead = self._epoch
         self._epoch += 1
         if not self._pending:
@@ -287,6 +324,52 @@ class Client:
         for job in list(self._pending.values()):
             if job.sent_epoch == dead:
                 job.replies.put_nowait(_Lost(cause, dead))
+
+    def _watch(self) -> None:
+        """Start the watchdog (one task at most; nothing per job)."""
+        if self._closing or (self._watchdog is not None and not self._watchdog.done()):
+            return
+        self._watchdog = asyncio.get_running_loop().create_task(
+            self._watch_channel(), name="modelfleet-client-watchdog"
+        )
+
+    async def _watch_channel(self) -> None:
+        """While the client is not ready: if the connection is up and the channel still closed
+        well after aio-pika should have reopened it (its failed reopen is only logged, and a
+        channel closed while it was being restored is not reopened at all), reopen it here and
+        re-arm; if that keeps failing, say so loudly (rate-limited). Ends once ready."""
+        grace = self.settings.amqp.reconnect_interval_s + _WATCHDOG_GRACE_S
+        failures = 0
+        logged = -_WATCHDOG_LOG_EVERY_S
+        while True:
+            await asyncio.sleep(grace)
+            connection, channel = self._connection, self._channel
+            if self._closing or self._ready.is_set() or connection is None or channel is None:
+                return
+            if connection.is_closed or not connection.connected.is_set():
+                continue  # reconnecting: the reconnection re-arms
+            try:
+                if channel.is_closed:
+                    log.warning(
+                        "the client's channel is still closed %.1fs after it was lost, with the "
+                        "connection up: reopening it",
+                        grace,
+                    )
+                    await channel.reopen()  # its reopen callbacks re-arm too; _arm runs once
+                await self._arm()
+                if self._ready.is_set():
+                    return
+            except Exception as exc:
+                failures += 1
+                now = time.monotonic()
+                if now - logged >= _WATCHDOG_LOG_EVERY_S:
+                    logged = now
+                    log.error(
+                        "the client cannot reopen its channel (%d attempt(s), last: %s); jobs "
+                        "fail with CONNECTION_LOST until it can",
+                        failures,
+                        str(exc) or type(exc).__name__,
+                    )
 
     async def _on_reply(self, message: aiormq.abc.DeliveredMessage) -> None:
         correlation_id = message.header.properties.correlation_id
@@ -300,9 +383,7 @@ class Client:
             return
         job.replies.put_nowait(reply)
 
-    def _encode(
-        self, model: str, payload: Any, deadline: float, stream: bool, job_id: str
-    ) -> bytes:
+    def _encode(self, model: str, payload: Any, deadline: float, stream: bool) -> bytes:
         try:
             check_model_name(model)
         except ValueError as exc:
@@ -314,7 +395,6 @@ class Client:
                 deadline=deadline,
                 stream=stream,
                 sent_at=time.time(),
-                cancel_digest=cancel_digest(cancel_key(self._secret, job_id)),
             )
             data = body.model_dump_json().encode()
         except (ValidationError, ValueError, TypeError) as exc:
@@ -333,6 +413,8 @@ class Client:
     async def _publish(self, job: _Job) -> None:
         """Publish ``job``, again after each reconnection, until the broker confirms it; the
         caller bounds this in time (:meth:`_unsent` names the error when time runs out)."""
+        if self._closing:
+            raise _closed_error()
         if self._channel is None:
             raise BrokerError("client is not connected: use 'async with Client(...)'")
         now = time.time()
@@ -349,6 +431,8 @@ class Client:
         )
         while True:
             await self._ready.wait()
+            if self._closing:
+                raise _closed_error()
             epoch, underlay = self._epoch, self._armed
             try:
                 # The jobs exchange has an alternate exchange: an unroutable job is caught there
@@ -365,19 +449,47 @@ class Client:
                     job_id=job.job_id,
                 ) from exc
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
-                if f"'{self.names.jobs}'" not in str(exc):
-                    job.last_error = exc
+                if not self._names_jobs(exc):
+                    # Another publish on this channel closed it: ours may go again.
+                    self._retry_later(job, underlay, exc)
                     await asyncio.sleep(_REPUBLISH_PAUSE_S)
                     continue
                 # Waiting would not help: nobody can run the job until a controller (or an
                 # operator) declares the exchange again, and NO_WORKER is what a caller already
-                # handles for "nothing can take this model now".
+                # handles for "nothing can take this model now". An earlier attempt of this
+                # publish may have been queued before the exchange went: finish() cancels it.
                 raise NoWorkerError(
                     f"exchange {self.names.jobs!r} does not exist (deleted, or no controller has "
-                    f"declared namespace {self.names.ns!r}); the job was not queued",
+                    f"declared namespace {self.names.ns!r}); the job may not have been queued "
+                    "and was cancelled",
                     model=job.model,
                     job_id=job.job_id,
                 ) from None
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                if not self._names_jobs(exc):
+                    self._retry_later(job, underlay, exc)
+                    await asyncio.sleep(_REPUBLISH_PAUSE_S)
+                    continue
+                # Final: a retry would be refused again, closing the channel (and failing the
+                # other jobs on it) each time.
+                raise BrokerError(
+                    f"the broker refused job {job.job_id} for model {job.model!r}: this AMQP "
+                    f"user may not publish to {self.names.jobs!r} ({exc}); grant it write "
+                    "permission on the namespace (modelfleet permissions)"
+                ) from None
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                if _MESSAGE_TOO_BIG in str(exc):
+                    raise InvalidJobError(
+                        f"the broker refused the job's body ({len(job.body)} bytes): {exc}",
+                        model=job.model,
+                        job_id=job.job_id,
+                    ) from None
+                # Published before the reply consumer was back on a reopened channel ("fast
+                # reply consumer does not exist"), or another frame on this channel closed it:
+                # publish again once it is back.
+                self._retry_later(job, underlay, exc)
+                await asyncio.sleep(_REPUBLISH_PAUSE_S)
+                continue
             except (
                 aio_pika.exceptions.AMQPError,
                 aiormq.exceptions.AMQPError,
@@ -388,7 +500,7 @@ class Client:
                 # The channel is down (a channel error, broker restart, network cut): it comes
                 # back by itself; publish again once it has, within the job's timeout. A
                 # publish whose confirm was lost may run twice (at-least-once, same id).
-                job.last_error = exc
+                self._retry_later(job, underlay, exc)
                 await asyncio.sleep(_REPUBLISH_PAUSE_S)
                 continue
             job.sent = True
@@ -398,6 +510,21 @@ class Client:
                 # not see this job as sent): its answer cannot reach us.
                 job.replies.put_nowait(_Lost("the channel closed", epoch))
             return
+
+    def _names_jobs(self, exc: BaseException) -> bool:
+        """Is this channel error about our jobs exchange (so caused by publishing a job)?"""
+        return f"'{self.names.jobs}'" in str(exc)
+
+    def _retry_later(
+        self, job: _Job, underlay: aiormq.abc.AbstractChannel | None, exc: BaseException
+    ) -> None:
+        job.last_error = exc
+        if underlay is not None and underlay is self._armed and closing(underlay):
+            # The armed channel is closing (its close callback may be a few loop turns away):
+            # hold every publish until it is re-armed, rather than let them reach a channel
+            # the broker closed (which would close the connection).
+            self._ready.clear()
+            self._watch()
 
     def _unsent(self, job: _Job) -> JobError:
         """The error for a job whose time ran out before the broker confirmed it."""
@@ -419,17 +546,19 @@ class Client:
         timeout = self.timeout if timeout is None else timeout
         if timeout <= 0:
             raise ValueError("timeout must be positive")
-        job_id = f"{self._ids.getrandbits(128):032x}"
+        key = cancel_key(self._secret, next(self._counter))
         deadline = time.monotonic() + timeout
-        body = self._encode(model, payload, time.time() + timeout, stream, job_id)
-        return _Job(self, model, job_id, body, timeout, deadline)
+        body = self._encode(model, payload, time.time() + timeout, stream)
+        return _Job(self, model, job_id_for(key), key, body, timeout, deadline)
 
     async def submit(self, model: str, payload: Any = None, *, timeout: float | None = None) -> Any:
         """Run a job and return its result.
 
         Raises :class:`NoWorkerError` (no live worker, at once), :class:`JobTimeoutError`,
         :class:`WorkerError`, :class:`OverloadedError`, :class:`InvalidJobError` or
-        :class:`InvalidModelError` — each with ``.code``, ``.model`` and ``.job_id``.
+        :class:`InvalidModelError` — each with ``.code``, ``.model`` and ``.job_id``; and
+        :class:`~modelfleet.errors.BrokerError` (not a job error) when the broker refuses the
+        publish itself (this user may not publish jobs) or the client is closed.
         """
         job = self._start(model, payload, timeout, stream=False)
         try:
@@ -453,41 +582,46 @@ class Client:
         it stops its handler (coroutine and async-generator handlers; a thread runs to its
         end). Whoever awaits the job here gets :class:`~modelfleet.errors.JobCancelledError`.
         Best effort: a job that already finished is not affected, nor is another producer's
-        (workers want the job's key, which only its producer can make)."""
+        (workers want the job's key, which only its producer can make), nor one this client no
+        longer waits for (its key is gone with it)."""
         job = self._pending.get(job_id) or self._unstarted.pop(job_id, None)
-        if job is not None:
-            job.replies.put_nowait(
-                ErrorReply.build(
-                    ErrorCode.CANCELLED, "cancelled by the producer", model="", job_id=job_id
-                )
+        if job is None:
+            return
+        job.replies.put_nowait(
+            ErrorReply.build(
+                ErrorCode.CANCELLED, "cancelled by the producer", model="", job_id=job_id
             )
+        )
         if self._canceller is not None:
-            await self._canceller.publish(job_id, key=cancel_key(self._secret, job_id))
+            await self._canceller.publish(job_id, job.deadline_epoch(), key=job.key)
 
     def _abandoned(self, job: _Job) -> None:
         """``job`` was published and left before its answer: cancel it on the workers."""
         if self._canceller is not None:
-            remaining = job.deadline - time.monotonic()
-            self._canceller.send(
-                job.job_id,
-                time.time() + max(remaining, 0.0),
-                key=cancel_key(self._secret, job.job_id),
-            )
+            self._canceller.send(job.job_id, job.deadline_epoch(), key=job.key)
 
 
 class _Job:
     """One submitted job's bookkeeping (internal)."""
 
     def __init__(
-        self, client: Client, model: str, job_id: str, body: bytes, timeout: float, deadline: float
+        self,
+        client: Client,
+        model: str,
+        job_id: str,
+        key: str,
+        body: bytes,
+        timeout: float,
+        deadline: float,
     ) -> None:
         self.client = client
         self.model = model
         self.job_id = job_id
+        self.key = key  # cancels it (modelfleet.cancel): job_id is its hash
         self.body = body
         self.timeout = timeout
         self.deadline = deadline
-        self.replies: asyncio.Queue[_Reply | _Lost] = asyncio.Queue()
+        self.replies: asyncio.Queue[_Reply | _Lost | _Closed] = asyncio.Queue()
         self.published = False  # (maybe) sent: a publish may be cancelled after the broker took it
         self.sent = False  # the broker confirmed the publish
         self.sent_epoch = -1  # the client's channel epoch of that confirm
@@ -496,6 +630,9 @@ class _Job:
 
     def _remaining(self) -> float:
         return max(self.deadline - time.monotonic(), 0)
+
+    def deadline_epoch(self) -> float:
+        return time.time() + self._remaining()
 
     def _no_answer(self) -> JobTimeoutError:
         return JobTimeoutError(
@@ -540,17 +677,21 @@ class _Job:
         except TimeoutError:
             raise self._no_answer() from None
 
-    def _take(self, reply: _Reply | _Lost) -> ResultReply | ChunkReply | None:
+    def _take(self, reply: _Reply | _Lost | _Closed) -> ResultReply | ChunkReply | None:
         """Note a reply; an error reply raises its error; None: nothing to take."""
+        if isinstance(reply, _Closed):
+            raise _closed_error()
         if isinstance(reply, _Lost):
             if reply.epoch != self.sent_epoch or not self.replies.empty():
                 # Stale (the job went out again on a newer channel) or overtaken by answers
                 # that were already on their way: those win.
                 return None
-            self.answered = True
+            # Not `answered`: finish() then cancels it on the workers, since nobody can read
+            # its answer (the connection is often still up after a channel error).
             raise ConnectionLostError(
-                f"the connection to RabbitMQ dropped before the answer came ({reply.cause}); "
-                "the job may still run: retry it if it is idempotent",
+                f"the channel to RabbitMQ closed before the answer came ({reply.cause}); the "
+                "job was cancelled: a worker skips it if it had not started, but it may have "
+                "run: retry it if it is idempotent",
                 model=self.model,
                 job_id=self.job_id,
             )
@@ -581,7 +722,6 @@ class JobStream:
         self._published = False
         self._next_seq = 0
         self._attempt = ""  # the attempt whose chunks we follow ("" = not known yet)
-        self._dropped: set[str] = set()  # attempts left before any of their chunks was yielded
         self._yielded = 0
         self.done = False
         self.result: Any = None
@@ -607,18 +747,16 @@ class JobStream:
         """Follow the attempt that produced the chunks so far; False: drop this reply."""
         if not attempt_id or attempt_id == self._attempt:
             return True  # "": a worker from before attempt ids; seq alone then
-        if attempt_id in self._dropped:
-            return False
-        if self._attempt:
-            if self._yielded:
-                raise StreamRestartedError(
-                    f"the job restarted on another worker after {self._yielded} chunk(s) of its "
-                    "first attempt had been received (its worker died or lost its connection); "
-                    "the attempts are not spliced: retry the job for a whole answer",
-                    model=self._job.model,
-                    job_id=self._job.job_id,
-                )
-            self._dropped.add(self._attempt)
+        if self._attempt and self._yielded:
+            raise StreamRestartedError(
+                f"the job restarted on another worker after {self._yielded} chunk(s) of its "
+                "first attempt had been received (its worker died or lost its connection); "
+                "the attempts are not spliced: retry the job for a whole answer",
+                model=self._job.model,
+                job_id=self._job.job_id,
+            )
+        # The first attempt heard of, or a new one before any chunk reached the caller: an
+        # attempt is never resumed once left (its worker died), so none is remembered.
         self._attempt = attempt_id
         self._next_seq = 0
         return True

@@ -56,6 +56,7 @@ from modelfleet import __version__
 from modelfleet.client import Client, JobStream
 from modelfleet.config import Settings
 from modelfleet.errors import (
+    BrokerError,
     ConnectionLostError,
     ExpiredError,
     InvalidJobError,
@@ -130,6 +131,14 @@ def _error(
     code: int | str | None = None,
 ) -> JSONResponse:
     return JSONResponse(error_body(message, type_, param=param, code=code), status_code=status)
+
+
+def _broker_error(exc: BrokerError) -> JSONResponse:
+    """The broker refused the job (this gateway's AMQP user may not publish it), or the
+    gateway's client is closed (shutting down): nothing the caller can fix, nothing a retry on
+    this gateway helps."""
+    log.error("job refused by the broker: %s", exc)
+    return _error(502, str(exc), "bad_gateway_error", code="broker_error")
 
 
 def _job_error(exc: JobError) -> JSONResponse:
@@ -383,6 +392,8 @@ class _Jobs:
                 )
             except JobError as exc:
                 return _job_error(exc)
+            except BrokerError as exc:
+                return _broker_error(exc)
         except _ClientGone:
             log.info("client of a %s request for %s went away: job cancelled", endpoint, model)
             return Response(status_code=CLIENT_CLOSED)
@@ -415,6 +426,9 @@ class _Jobs:
         except JobError as exc:
             await job.aclose()
             return _job_error(exc)
+        except BrokerError as exc:
+            await job.aclose()
+            return _broker_error(exc)
         except BaseException:
             await job.aclose()
             raise

@@ -29,8 +29,6 @@ class Job:
     attempt: int = 1
     # Wall-clock publish time (epoch seconds), when the producer sent it.
     sent_at: float | None = None
-    # SHA-256 (hex) of the producer's cancel key (modelfleet.cancel); None: not cancellable.
-    cancel_digest: str | None = None
 
     def remaining(self) -> float | None:
         """Seconds left before the producer gives up, or ``None``."""

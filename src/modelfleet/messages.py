@@ -150,9 +150,6 @@ class JobRequest(_Message):
     stream: bool = False
     # Wall-clock publish time (epoch seconds), for the queue-wait and first-chunk histograms.
     sent_at: float | None = Field(None, allow_inf_nan=False)
-    # SHA-256 (hex) of the secret cancel key only the producer knows: a cancel message for this
-    # job is obeyed only if it carries that key (modelfleet.cancel). None: not cancellable.
-    cancel_digest: str | None = Field(None, min_length=64, max_length=64)
 
     @field_validator("model")
     @classmethod

@@ -954,7 +954,6 @@ class Worker:
             stream=request.stream,
             attempt=attempt,
             sent_at=request.sent_at,
-            cancel_digest=request.cancel_digest,
         )
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
@@ -1192,7 +1191,8 @@ class Worker:
 
     async def _lost(self, message: AbstractIncomingMessage, job_id: str, lost: _ReplyLost) -> None:
         """A reply could not be sent because the delivery's channel is gone: no error reply, no
-        error copy, no ack — the broker redelivers the job. Counted in the heartbeat's ``reply_lost``."""
+        error copy, no ack — the broker redelivers the job. Counted in the heartbeat's
+        ``reply_lost``."""
         self.counters["reply_lost"] += 1
         if self._time_to_log("reply_lost"):
             log.warning(

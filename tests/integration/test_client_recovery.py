@@ -326,13 +326,14 @@ async def test_only_the_producer_of_a_job_can_cancel_it(ns: Namespace, amqp_url:
         await wait_for(lambda: len(handler.started) == 1, timeout=5, what="the job running")
         job_id = handler.started[0]
 
-        # Another producer: through its Client, and by hand with a made-up key.
+        # Another producer: through its Client (which has no key for it, so sends nothing), and
+        # by hand with a made-up key and with none.
         await other.cancel(job_id)
         control = await channel.get_exchange(ns.names.control)
         forged = cancel_body(job_id, time.time() + 60, key="0" * 32)
         await control.publish(json_message(forged, type="cancel"), routing_key="")
         await control.publish(json_message(cancel_body(job_id), type="cancel"), routing_key="")
-        await wait_for(lambda: running.cancels.refused >= 3, timeout=5, what="3 cancels refused")
+        await wait_for(lambda: running.cancels.refused >= 2, timeout=5, what="2 cancels refused")
         assert handler.cancelled == []
         handler.release.set()
         assert await job == {"done": "first"}  # it ran to its end

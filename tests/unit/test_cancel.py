@@ -1,32 +1,32 @@
-"""Cancellation logic without a broker: messages, the cancel key, the bounded memory, stopping a
-running task."""
+"""Cancellation logic without a broker: messages, the cancel key and the job id derived from it,
+the bounded memory, stopping a running task."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 
 import pytest
 
 from modelfleet.cancel import (
-    MAX_KEYS_PER_JOB,
     CancelledJobs,
     CancelRequest,
     JobCancelled,
     JobCanceller,
     cancel_body,
-    cancel_digest,
     cancel_key,
+    job_id_for,
     key_matches,
     parse_cancel,
 )
 from modelfleet.jobs import Job
 
 SECRET = b"s" * 32
-
-
-def key(job_id: str) -> str:
-    return cancel_key(SECRET, job_id)
+K1 = cancel_key(SECRET, 1)
+J1 = job_id_for(K1)
+K2 = cancel_key(SECRET, 2)
+J2 = job_id_for(K2)
 
 
 def test_cancel_message_round_trip() -> None:
@@ -41,17 +41,26 @@ def test_a_malformed_key_parses_as_none() -> None:
     assert parse_cancel(long_key) == CancelRequest("a", None, "")
 
 
-def test_only_the_producers_key_matches_the_jobs_digest() -> None:
-    mine = cancel_key(SECRET, "job-1")
-    digest = cancel_digest(mine)
-    assert len(digest) == 64 and len(mine) == 32
-    assert key_matches(mine, digest)
-    assert not key_matches(cancel_key(b"t" * 32, "job-1"), digest)  # another producer's secret
-    assert not key_matches(cancel_key(SECRET, "job-2"), digest)  # another job's key
-    assert not key_matches(digest, digest)  # the digest (public, in the job) is not the key
-    assert not key_matches("", digest)
-    assert not key_matches(mine, None)  # a job without a digest: never by a message
-    assert cancel_key(SECRET, "job-1") == mine  # derived, not drawn: no state per job
+def test_the_job_id_is_the_hash_of_its_key() -> None:
+    assert len(K1) == 32 and len(J1) == 32
+    assert hashlib.sha256(K1.encode()).hexdigest()[:32] == J1
+    assert key_matches(K1, J1)
+    assert cancel_key(SECRET, 1) == K1  # derived from the counter: no state per job
+    assert K1 != K2 and J1 != J2
+
+
+def test_only_the_key_of_a_job_matches_its_id() -> None:
+    assert not key_matches(K2, J1)  # another job's key
+    assert not key_matches(cancel_key(b"t" * 32, 1), J1)  # another producer's secret
+    assert not key_matches(J1, J1)  # the id (public, in every message) is not the key
+    assert not key_matches("", J1)
+    assert not key_matches(K1, "")
+    assert not key_matches(K1, "0" * 32)  # an id that is no key's hash: never by a message
+
+
+def test_keys_and_ids_do_not_collide_over_many_jobs() -> None:
+    ids = {job_id_for(cancel_key(SECRET, n)) for n in range(20_000)}
+    assert len(ids) == 20_000
 
 
 @pytest.mark.parametrize(
@@ -97,48 +106,44 @@ def test_memory_is_bounded_in_count() -> None:
     assert len(memory) == 3
 
 
-def test_memory_keeps_the_newest_keys_of_a_job() -> None:
-    memory = CancelledJobs(max_ids=10, max_keep_s=100)
-    for index in range(MAX_KEYS_PER_JOB + 2):
-        memory.add("j", keep_s=50, now=0, key=f"k{index}")
-    memory.add("j", keep_s=50, now=0, key="k5")  # a repeat is not kept twice
-    assert memory.keys("j", now=1) == tuple(f"k{i}" for i in range(2, MAX_KEYS_PER_JOB + 2))
-    assert memory.keys("j", now=51) == ()
-    assert memory.keys("other", now=1) == ()
-
-
-def _job(job_id: str, *, digest: bool = True) -> Job:
-    return Job(
-        job_id=job_id,
-        model="m",
-        payload=None,
-        deadline=None,
-        stream=False,
-        cancel_digest=cancel_digest(key(job_id)) if digest else None,
-    )
+def _job(job_id: str) -> Job:
+    return Job(job_id=job_id, model="m", payload=None, deadline=None, stream=False)
 
 
 async def test_a_cancelled_job_is_not_started() -> None:
     canceller = JobCanceller("w")
-    canceller.cancel("j1", key=key("j1"))
+    canceller.cancel(J1, key=K1)
     with pytest.raises(JobCancelled) as info:
-        canceller.check(_job("j1"))
+        canceller.check(_job(J1))
     assert info.value.started is False
-    canceller.check(_job("j2"))  # others pass
+    canceller.check(_job(J2))  # others pass
     assert canceller.refused == 0
 
 
-async def test_a_cancel_without_the_jobs_key_is_ignored_and_counted() -> None:
+async def test_a_cancel_without_the_jobs_key_is_dropped_on_arrival_and_counted() -> None:
     canceller = JobCanceller("w")
-    canceller.cancel("j1")  # no key
-    canceller.cancel("j1", key=cancel_key(b"t" * 32, "j1"))  # someone else's
-    canceller.cancel("j2", key=key("j2"))  # the right key, but j2 carries no digest
-    canceller.check(_job("j1"))  # runs
-    canceller.check(_job("j2", digest=False))  # runs
-    assert canceller.refused == 2
-    canceller.cancel("j1", key=key("j1"))  # its producer's key, among the forged ones
+    canceller.cancel(J1)  # no key
+    canceller.cancel(J1, key=cancel_key(b"t" * 32, 1))  # someone else's
+    canceller.cancel(J1, key=K2)  # a valid key, of another job
+    canceller.cancel("legacy-id", key=K1)  # an id that is no key's hash
+    assert canceller.refused == 4
+    assert len(canceller.memory) == 0  # never stored
+    canceller.check(_job(J1))  # runs
+    canceller.check(_job("legacy-id"))  # runs
+
+
+async def test_a_flood_of_forged_cancels_does_not_push_out_the_owners() -> None:
+    canceller = JobCanceller("w", memory=CancelledJobs(max_ids=8))
+    canceller.cancel(J1, key=K1)  # the owner's, before the flood
+    for n in range(1000):
+        canceller.cancel(J1, key=f"{n:032x}")
+        canceller.cancel(f"{n:032x}", key=f"{n:032x}")
+    assert canceller.refused == 2000
     with pytest.raises(JobCancelled):
-        canceller.check(_job("j1"))
+        canceller.check(_job(J1))
+    canceller.cancel(J2, key=K2)  # and after the flood
+    with pytest.raises(JobCancelled):
+        canceller.check(_job(J2))
 
 
 async def test_a_running_job_is_stopped_only_with_its_key() -> None:
@@ -151,20 +156,20 @@ async def test_a_running_job_is_stopped_only_with_its_key() -> None:
         return "never"
 
     async def worker_task() -> bool:
-        canceller.check(_job("j1"))  # as the worker does before running the handler
+        canceller.check(_job(J1))  # as the worker does before running the handler
         try:
-            await canceller.run("j1", handler())
+            await canceller.run(J1, handler())
         except JobCancelled:
             return True
         return False
 
     task = asyncio.create_task(worker_task())
     await entered.wait()
-    assert canceller.cancel("j1", key="0" * 32) is False
-    assert canceller.cancel("j1") is False
+    assert canceller.cancel(J1, key="0" * 32) is False
+    assert canceller.cancel(J1) is False
     assert canceller.refused == 2
     assert not task.done()
-    assert canceller.cancel("j1", key=key("j1")) is True
+    assert canceller.cancel(J1, key=K1) is True
     assert await task is True
 
 
@@ -183,9 +188,9 @@ async def test_a_running_job_is_stopped_and_the_task_goes_on() -> None:
         return "never"
 
     async def worker_task() -> str:
-        canceller.check(_job("j1"))
+        canceller.check(_job(J1))
         try:
-            await canceller.run("j1", handler())
+            await canceller.run(J1, handler())
         except JobCancelled as exc:
             assert exc.started is True
         await asyncio.sleep(0)  # the task itself is not cancelled: it can ack
@@ -193,8 +198,8 @@ async def test_a_running_job_is_stopped_and_the_task_goes_on() -> None:
 
     task = asyncio.create_task(worker_task())
     await entered.wait()
-    assert canceller.cancel("j1", key=key("j1")) is True
-    assert canceller.cancel("j1", key=key("j1")) is False  # once
+    assert canceller.cancel(J1, key=K1) is True
+    assert canceller.cancel(J1, key=K1) is False  # once
     assert await task == "acked"
     assert handler_saw == ["cancelled"]
 
@@ -208,10 +213,10 @@ async def test_another_cancellation_still_propagates() -> None:
         entered.set()
         await asyncio.sleep(60)
 
-    canceller.check(_job("j1"))
-    task = asyncio.create_task(canceller.run("j1", handler()))
+    canceller.check(_job(J1))
+    task = asyncio.create_task(canceller.run(J1, handler()))
     await entered.wait()
-    canceller.cancel("j1", key=key("j1"))
+    canceller.cancel(J1, key=K1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -230,8 +235,8 @@ async def test_a_handler_that_swallows_the_cancel_leaves_the_task_clean() -> Non
         return "slept"
 
     async def worker_task() -> tuple[str, int]:
-        canceller.check(_job("j1"))
-        result = await canceller.run("j1", stubborn())
+        canceller.check(_job(J1))
+        result = await canceller.run(J1, stubborn())
         await asyncio.sleep(0.01)  # would raise if a cancellation were still pending
         current = asyncio.current_task()
         assert current is not None
@@ -239,7 +244,7 @@ async def test_a_handler_that_swallows_the_cancel_leaves_the_task_clean() -> Non
 
     task = asyncio.create_task(worker_task())
     await entered.wait()
-    assert canceller.cancel("j1", key=key("j1")) is True
+    assert canceller.cancel(J1, key=K1) is True
     assert await task == ("swallowed", 0)
 
 
@@ -252,13 +257,13 @@ async def test_thread_handlers_are_not_interrupted() -> None:
         await asyncio.sleep(0.05)
         return "finished"
 
-    canceller.check(_job("j1"))
-    task = asyncio.create_task(canceller.run("j1", handler()))
+    canceller.check(_job(J1))
+    task = asyncio.create_task(canceller.run(J1, handler()))
     await entered.wait()
-    assert canceller.cancel("j1", key=key("j1")) is False
+    assert canceller.cancel(J1, key=K1) is False
     assert await task == "finished"
     with pytest.raises(JobCancelled):  # but it is remembered: a redelivery is skipped
-        canceller.check(_job("j1"))
+        canceller.check(_job(J1))
 
 
 async def test_a_cancel_stops_every_delivery_of_the_job_running_here() -> None:
@@ -276,9 +281,9 @@ async def test_a_cancel_stops_every_delivery_of_the_job_running_here() -> None:
         return "never"
 
     async def delivery(number: int) -> str:
-        canceller.check(_job("j1"))
+        canceller.check(_job(J1))
         try:
-            await canceller.run("j1", handler(number))
+            await canceller.run(J1, handler(number))
         except JobCancelled:
             return "cancelled"
         return "ran"
@@ -286,5 +291,5 @@ async def test_a_cancel_stops_every_delivery_of_the_job_running_here() -> None:
     first = asyncio.create_task(delivery(1))
     second = asyncio.create_task(delivery(2))
     await asyncio.wait_for(both.wait(), 5)
-    assert canceller.cancel("j1", key=key("j1")) is True
+    assert canceller.cancel(J1, key=K1) is True
     assert await asyncio.gather(first, second) == ["cancelled", "cancelled"]
