@@ -441,7 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(exc.to_dict()), file=sys.stderr)
         return EXIT_JOB_FAILED
     except BrokerError as exc:
-        print(json.dumps({"error": "UNREACHABLE", "message": str(exc)}), file=sys.stderr)
+        # Unreachable, or reachable and refusing (a user without permission): the message says.
+        print(json.dumps({"error": "BROKER_ERROR", "message": str(exc)}), file=sys.stderr)
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130
