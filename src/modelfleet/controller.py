@@ -24,15 +24,30 @@ deleted exchange or queue comes back without a restart. A bind that the broker r
 queue re-declared with other arguments) closes only the binding channel: that model backs off,
 the channel is reopened or replaced, and the other models and NO_WORKER answers go on (those
 are published on the no-worker channel). ``/healthz`` is unhealthy while the heartbeat consumer
-is gone or the controller's own probe has not come back within the probe window.
+is gone, the controller's own probe has not come back within the probe window, or a core loop
+has ended.
+
+The core loops (sweeper, stats, probe, heartbeat keeper) survive any error of one round,
+including the CancelledError aiormq raises in pending RPCs when it drops a stuck connection;
+only the controller's stop ends them. Should one end anyway, a CRITICAL line is logged and
+:meth:`Controller.run` raises :class:`ControllerFailedError` (``modelfleet controller`` exits 3)
+so a supervisor restarts the process. Each round has a deadline (``ROUND_TIMEOUT_S``).
+Channels set up and then abandoned (a refused declare, a re-route's bind) are closed for good,
+also when aio-pika is restoring them right then (:meth:`Controller._discard`).
 
 Below aio-pika's public API (each covered by tests/integration/test_controller_recovery.py):
 
 * the heartbeat consumer is a raw aiormq consumer on the heartbeat channel's underlay channel
   (hot path); it watches ``on_consumer_cancel_callbacks`` of that underlay channel and the robust
-  channel's ``reopen_callbacks`` — covered by the heartbeat-queue-deleted and channel-error tests;
+  channel's ``reopen_callbacks`` — covered by the heartbeat-queue-deleted and channel-error tests,
+  and by the silent-connection test (aiormq drops the connection, every loop survives);
 * queue counts are read with aiormq ``queue_declare(passive=True)`` on the stats channel's
-  underlay channel (a robust channel caches passive declares) — covered by the queue-depth test.
+  underlay channel (a robust channel caches passive declares) — covered by the queue-depth test;
+* "connected" is read from ``connection.connected`` and ``connection.transport.connection``
+  (aiormq), since ``is_closed`` stays False while a robust connection reconnects — covered by
+  the silent-connection test and tests/process/test_controller_process_recovery.py;
+* an abandoned robust channel is closed again from its ``reopen_callbacks`` if aio-pika's own
+  restore reopens it — covered by the base-topology channel-leak test.
 
 >>> controller = Controller(settings)
 >>> await controller.run()   # until SIGTERM/SIGINT
@@ -67,10 +82,16 @@ from pydantic import ValidationError
 from modelfleet.addressing import is_direct_reply_to
 from modelfleet.config import Settings
 from modelfleet.connections import connect
-from modelfleet.errors import ErrorCode
+from modelfleet.errors import BrokerError, ErrorCode
 from modelfleet.messages import ErrorReply, Heartbeat, check_model_name
 from modelfleet.metrics import ControllerMetrics, ModelFigures, WorkerFigures, reason_label
-from modelfleet.registry import EvictionReason, Observation, Registry
+from modelfleet.registry import (
+    EvictionHold,
+    EvictionReason,
+    Observation,
+    Registry,
+    started_at_plausible,
+)
 from modelfleet.routing import ActionKind, RoutingTable
 from modelfleet.security import heartbeat_sender_allowed
 from modelfleet.stats import FleetStats
@@ -86,7 +107,12 @@ from modelfleet.topology import (
     json_message,
 )
 
-__all__ = ["Controller"]
+__all__ = ["Controller", "ControllerFailedError"]
+
+
+class ControllerFailedError(BrokerError):
+    """A core task of the controller ended while it was not stopping: the process exits
+    non-zero (``modelfleet controller`` exits 3) so its supervisor restarts it."""
 
 
 def _valid_model_name(name: object) -> bool:
@@ -124,6 +150,13 @@ CHANNEL_STUCK_S = 3.0
 NACK_DELAY_S = 0.5
 # One warning per key per this many seconds: a failure that repeats must not flood the log.
 LOG_EVERY_S = 60.0
+# Upper bound on one stats round, one re-assert round and one re-arm of the heartbeat consumer:
+# a robust channel we closed never becomes ready again, and an RPC on a connection that went
+# silent waits for aiormq's own heartbeat to notice; a round must never wedge its loop.
+ROUND_TIMEOUT_S = 10.0
+# Re-routes in flight at once: each opens a throw-away channel, and a burst of jobs that raced
+# their model's binding must not open hundreds of channels together.
+REROUTE_CONCURRENCY = 4
 
 
 class Controller:
@@ -172,6 +205,7 @@ class Controller:
         self._nw_dead: AbstractExchange | None = None
         self._unroutable_queue: AbstractQueue | None = None
         self._channel_closed_since: float | None = None
+        self._main_replacing = False
         self._base_suspect = False
         self._action_backoff: dict[str, tuple[float, float]] = {}
         self._logged_at: dict[str, float] = {}
@@ -183,7 +217,14 @@ class Controller:
         self._kick_pending = False
         self._kick_again = False
         self._probe_seen_at: float | None = None
-        self._evict_after = 0.0
+        # The probe's body: secret and fixed for this process, so nobody who can publish to the
+        # heartbeats exchange can forge our probe (the instance id is readable in queue names).
+        self._probe_token = token_hex(16).encode()
+        self._hold = EvictionHold(self.settings.heartbeat.timeout_s)
+        self._core_tasks: list[asyncio.Task[None]] = []
+        self._failed = asyncio.Event()
+        self._reroute_slots = asyncio.Semaphore(REROUTE_CONCURRENCY)
+        self.failure: str | None = None  # why a core task ended, when one did
         self.metrics.attach(self)
 
     # -- timing --------------------------------------------------------------------------
@@ -212,26 +253,52 @@ class Controller:
             and self._hb_tag in underlay.consumers
         )
 
+    def _connected(self) -> bool:
+        """Whether the connection is up now. ``is_closed`` is not enough: a robust connection
+        that is reconnecting is not closed, yet has no transport and opens no channel."""
+        connection = self._connection
+        if connection is None or connection.is_closed or not connection.connected.is_set():
+            return False
+        transport = connection.transport
+        return transport is not None and not transport.connection.is_closed
+
+    @property
+    def tasks_alive(self) -> bool:
+        """Whether every core loop (sweeper, stats, probe, heartbeat keeper) still runs."""
+        return bool(self._core_tasks) and not any(t.done() for t in self._core_tasks)
+
     def health(self) -> dict[str, Any]:
         """What ``/healthz`` reports; ``healthy`` is False while heartbeats cannot arrive."""
-        connected = self._connection is not None and not self._connection.is_closed
+        connected = self._connected()
         now = self.clock()
         probe_age = None if self._probe_seen_at is None else now - self._probe_seen_at
         consuming = self.heartbeat_consumer_up
         probe_ok = self._broker_ok(now)
+        alive = self.tasks_alive
         return {
-            "healthy": connected and not self.listen_only and consuming and probe_ok,
+            "healthy": connected and not self.listen_only and consuming and probe_ok and alive,
             "connected": connected,
             "listen_only": self.listen_only,
             "heartbeat_consumer": consuming,
             "probe_age_s": None if probe_age is None else round(probe_age, 3),
+            "tasks_alive": alive,
         }
 
     @property
     def healthy(self) -> bool:
         return bool(self.health()["healthy"])
 
-    def _warn(self, key: str, text: str, *args: object) -> None:
+    def _must_end(self, exc: BaseException) -> bool:
+        """Whether a long-lived loop must let ``exc`` end it: the controller is stopping, this
+        task itself is being cancelled, or it is not an error (KeyboardInterrupt, SystemExit).
+        aiormq fails pending RPCs with CancelledError when it drops a stuck connection: that
+        one is an error to survive, not a request to stop."""
+        if self._stop.is_set() or not isinstance(exc, (Exception, asyncio.CancelledError)):
+            return True
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
+
+    def _warn(self, key: str, text: str, *args: object, exc_info: bool = False) -> None:
         """A warning at most once per LOG_EVERY_S per key."""
         now = time.monotonic()
         last = self._logged_at.get(key)
@@ -240,7 +307,7 @@ class Controller:
         if len(self._logged_at) > 1_000:  # bounded: keys name models
             self._logged_at.clear()
         self._logged_at[key] = now
-        log.warning(text + " (logged once a minute)", *args)
+        log.warning(text + " (logged once a minute)", *args, exc_info=exc_info)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -276,18 +343,54 @@ class Controller:
         self._unroutable_queue = await self.topology.declare_unroutable_queue(nw_channel)
         await self._unroutable_queue.consume(self._on_unroutable)
 
-        self._tasks = [
+        self._core_tasks = [
             asyncio.create_task(self._sweep_loop(), name="modelfleet-sweeper"),
             asyncio.create_task(self._stats_loop(), name="modelfleet-stats"),
             asyncio.create_task(self._probe_loop(), name="modelfleet-probe"),
             asyncio.create_task(self._heartbeat_keeper(), name="modelfleet-heartbeat-keeper"),
         ]
+        for task in self._core_tasks:
+            task.add_done_callback(self._on_core_task_done)
+        self._tasks = list(self._core_tasks)
         log.info(
             "controller %s watching namespace %s (listen-only for %.1fs)",
             self.instance,
             self.names.ns,
             self.settings.startup_listen_s,
         )
+
+    def _on_core_task_done(self, task: asyncio.Task[None]) -> None:
+        """A core loop never ends on its own: if one does, a zombie controller (no eviction, no
+        routing, frozen depths) is worse than a restart, so make run() exit non-zero."""
+        if self._stop.is_set():
+            return
+        if task.cancelled():
+            cause = "cancelled"
+        else:
+            exc = task.exception()
+            cause = "returned" if exc is None else f"{type(exc).__name__}: {exc}"
+        self.failure = f"core task {task.get_name()} ended ({cause})"[:500]
+        log.critical(
+            "controller %s: %s; exiting so a supervisor restarts it", self.instance, self.failure
+        )
+        self._failed.set()
+
+    async def serve_until(self, stop: asyncio.Event | None = None) -> None:
+        """Wait until :meth:`stop` is called, ``stop`` is set, or a core task fails."""
+        waiters = [self._stop.wait(), self._failed.wait()]
+        if stop is not None:
+            waiters.append(stop.wait())
+        tasks = [asyncio.ensure_future(w) for w in waiters]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def raise_if_failed(self) -> None:
+        """Raise :class:`ControllerFailedError` if a core task ended while running."""
+        if self.failure is not None:
+            raise ControllerFailedError(f"controller {self.instance}: {self.failure}")
 
     async def stop(self) -> None:
         self._stop.set()
@@ -312,7 +415,8 @@ class Controller:
         await self.stop()
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
-        """Start, run until SIGTERM/SIGINT, stop."""
+        """Start, run until SIGTERM/SIGINT, stop; raise :class:`ControllerFailedError` when a
+        core task ended on its own (the process must exit non-zero)."""
         await self.start()
         loop = asyncio.get_running_loop()
         if install_signal_handlers:
@@ -320,9 +424,10 @@ class Controller:
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, self._stop.set)
         try:
-            await self._stop.wait()
+            await self.serve_until()
         finally:
             await self.stop()
+        self.raise_if_failed()
 
     # -- heartbeats ----------------------------------------------------------------------
 
@@ -352,15 +457,21 @@ class Controller:
             where = ".".join(str(p) for p in first["loc"])
             self._drop(cause, f"{where}: {first['msg']}"[:300])
             return None
+        wall_now = time.time()
+        if not started_at_plausible(hb.started_at, wall_now):
+            # A later started_at wins over the live entry: one far in the future would hide
+            # the real worker of that id until the clock got there.
+            self._drop("clock", f"worker {hb.worker_id}: started_at {hb.started_at} is ahead")
+            return None
         if not self._admit_models(hb.models):
             observation = Observation.REFUSED
         else:
-            observation = self.registry.observe(hb, now=self.clock(), wall_now=time.time())
+            observation = self.registry.observe(hb, now=self.clock(), wall_now=wall_now)
         if observation is Observation.REFUSED:
             self._drop("models_cap", f"worker {hb.worker_id} would exceed routing.max_models")
             return observation
         self.metrics.heartbeats.inc()
-        lag = time.time() - hb.sent_at
+        lag = wall_now - hb.sent_at
         # sent_at is the worker's wall clock: a heartbeat never waits longer than queue_ttl_s in
         # our queue, so a larger "lag" is a skewed or forged clock and would poison the histogram.
         if lag <= self.settings.heartbeat.queue_ttl_s:
@@ -424,23 +535,24 @@ class Controller:
         channel: AbstractChannel | None = None
         while True:
             try:
-                if channel is not None and channel.is_closed and not self._connection.is_closed:
+                if channel is not None and channel.is_closed and self._connected():
                     # Publishing to a deleted exchange closes the channel: start a new one
                     # rather than wait on the old one's reopen.
-                    with contextlib.suppress(Exception):
-                        await channel.close()
+                    await self._discard(channel)
                     channel = None
                 if channel is None:
-                    channel = await self._connection.channel(publisher_confirms=False)
+                    channel = await asyncio.wait_for(
+                        self._connection.channel(publisher_confirms=False), ROUND_TIMEOUT_S
+                    )
                 exchange = await channel.get_exchange(self.names.heartbeats, ensure=False)
                 probe = aio_pika.Message(
-                    self.instance.encode(), type=PROBE_TYPE, expiration=interval * 2
+                    self._probe_token, type=PROBE_TYPE, expiration=interval * 2
                 )
                 await asyncio.wait_for(exchange.publish(probe, "", mandatory=False), interval)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("probe not sent: %s", exc)
+            except BaseException as exc:
+                if self._must_end(exc):
+                    raise
+                log.debug("probe not sent: %r", exc)
             await asyncio.sleep(interval)
 
     async def _arm_heartbeats(self) -> None:
@@ -481,6 +593,8 @@ class Controller:
         self._hb_rearm.set()
 
     def _on_reconnected(self, *_: object) -> None:
+        # The fleet reconnects too, and may take longer than we did: give it time to speak.
+        self._hold.broker_back(self.clock())
         self._hb_rearm.set()
 
     async def _heartbeat_keeper(self) -> None:
@@ -499,14 +613,19 @@ class Controller:
                 continue
             try:
                 was_up = self.heartbeat_consumer_up
-                await self._arm_heartbeats()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+                await asyncio.wait_for(self._arm_heartbeats(), ROUND_TIMEOUT_S)
+            except BaseException as exc:
+                if self._must_end(exc):
+                    raise
                 if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
                     self._base_suspect = True  # the heartbeats exchange is gone
-                self._warn("hb-arm", "heartbeat consumer not armed (%s); retrying", exc)
-                await self._replace_if_stuck_hb_channel()
+                self._warn("hb-arm", "heartbeat consumer not armed (%r); retrying", exc)
+                try:
+                    await asyncio.wait_for(self._replace_if_stuck_hb_channel(), ROUND_TIMEOUT_S)
+                except BaseException as again:
+                    if self._must_end(again):
+                        raise
+                    self._warn("hb-channel", "no new heartbeat channel (%r); retrying", again)
                 delay, backoff = backoff, min(backoff * 2, HB_BACKOFF_MAX_S)
                 continue
             if not was_up:
@@ -522,10 +641,9 @@ class Controller:
         channel = self._hb_channel
         if channel is None or not channel.is_closed or self._connection is None:
             return
-        if self._connection.is_closed:
+        if not self._connected():
             return  # the connection's own recovery reopens every channel
-        with contextlib.suppress(Exception):
-            await channel.close()
+        await self._discard(channel)
         fresh = await self._connection.channel(publisher_confirms=False)
         assert isinstance(fresh, AbstractRobustChannel)
         fresh.reopen_callbacks.add(self._on_hb_channel_reopened)
@@ -534,9 +652,9 @@ class Controller:
     async def _on_heartbeat(self, message: aiormq.abc.DeliveredMessage) -> None:
         properties = message.header.properties
         if properties.message_type == PROBE_TYPE:
-            if message.body == self.instance.encode():
-                self._probe_seen_at = self.clock()
-            return  # another controller's probe: not a heartbeat, not an error
+            if message.body == self._probe_token:
+                self._probe_returned()
+            return  # another controller's probe (or a forged one): not a heartbeat
         # user_id is checked by the broker (it must be the sender's own user): only the users in
         # security.heartbeat_users (when set) may announce workers.
         user_id = properties.user_id
@@ -545,6 +663,14 @@ class Controller:
             self._drop("user", f"heartbeat from {sender[:120]}, not in security.heartbeat_users")
             return
         self.handle_heartbeat(message.body)
+
+    def _probe_returned(self) -> None:
+        now = self.clock()
+        if not self._broker_ok(now):
+            # Back after a gap: the workers' heartbeats were stuck in the same outage, and a
+            # whole fleet reconnecting may take a while.
+            self._hold.broker_back(now)
+        self._probe_seen_at = now
 
     async def _on_dead_letter(self, message: AbstractIncomingMessage) -> None:
         headers = message.headers or {}
@@ -644,7 +770,7 @@ class Controller:
             guard_min_workers=hb.guard_min_workers,
             # After broker trouble, listen for one timeout again before evicting anyone: the
             # workers' heartbeats were stuck in the same outage as ours.
-            evict=not self.listen_only and broker_ok and now >= self._evict_after,
+            evict=not self.listen_only and broker_ok and self._hold.allows(now),
             # Under mass silence, the probe's return vouches for workers really gone.
             vouched_at=self._probe_seen_at,
         )
@@ -652,7 +778,7 @@ class Controller:
         if not broker_ok:
             # Only the probe's own absence restarts the wait; a mass silence with the probe
             # flowing ends as the probe vouches for each silent worker.
-            self._evict_after = now + hb.timeout_s
+            self._hold.broker_silent(now)
         if suspect and not self.suspect_broker:
             log.warning(
                 "%s: suspecting the broker, holding evictions",
@@ -678,26 +804,34 @@ class Controller:
         while True:
             try:
                 self.sweep()
-                await self._apply_routing()
-            except Exception:
-                log.exception("sweep failed; retrying next round")
+                await asyncio.wait_for(self._apply_routing(), ROUND_TIMEOUT_S)
+            except BaseException as exc:
+                if self._must_end(exc):
+                    raise
+                # With its traceback: unlike a broker error, this may be a bug.
+                self._warn("sweep", "sweep failed (%r); retrying next round", exc, exc_info=True)
             await asyncio.sleep(interval)
 
     async def _open_main_channel(self) -> None:
         """The binding channel: declares, binds and unbinds (what a broker may refuse)."""
         assert self._connection is not None
         channel = await self._connection.channel(publisher_confirms=True)
-        # Untracked: re-declared by _reassert_base, never left for a reopen to trip over.
-        await self.topology.declare_base(channel, track=False)
-        self._jobs = await channel.get_exchange(self.names.jobs, ensure=False)
-        self._dead = await channel.get_exchange(self.names.dead, ensure=False)
+        try:
+            # Untracked: re-declared by _reassert_base, never left for a reopen to trip over.
+            await self.topology.declare_base(channel, track=False)
+            self._jobs = await channel.get_exchange(self.names.jobs, ensure=False)
+            self._dead = await channel.get_exchange(self.names.dead, ensure=False)
+        except BaseException:
+            # The broker closed it; unreferenced, aio-pika would reopen it and keep it open.
+            await self._discard(channel)
+            raise
         self._channel = channel
         self._channel_closed_since = None
 
     async def _usable_main_channel(self) -> AbstractChannel | None:
         """The binding channel, replaced when it has stayed closed (its reopen failed)."""
         channel = self._channel
-        if channel is None or self._connection is None or self._connection.is_closed:
+        if channel is None or not self._connected():
             return None
         if not channel.is_closed:
             self._channel_closed_since = None
@@ -707,17 +841,45 @@ class Controller:
             self._channel_closed_since = now
         if now - self._channel_closed_since < CHANNEL_STUCK_S:
             return None  # a robust channel reopens itself after a channel error
-        self._warn("main-channel", "binding channel closed for %.0fs: opening a new one",
-                   now - self._channel_closed_since)  # fmt: skip
-        with contextlib.suppress(Exception):
-            await channel.close()
-        try:
-            await self._open_main_channel()
-        except Exception as exc:
-            self._channel_closed_since = now  # try again after CHANNEL_STUCK_S
-            self._warn("main-channel-open", "cannot open a binding channel: %s", exc)
+        if self._main_replacing:
+            # The sweeper and the stats loop both get here: two replacements at once would
+            # leave one new channel open and unreferenced.
             return None
+        self._main_replacing = True
+        try:
+            self._warn("main-channel", "binding channel closed for %.0fs: opening a new one",
+                       now - self._channel_closed_since)  # fmt: skip
+            await self._discard(channel)
+            try:
+                await self._open_main_channel()
+            except Exception as exc:
+                self._channel_closed_since = now  # try again after CHANNEL_STUCK_S
+                self._warn("main-channel-open", "cannot open a binding channel: %s", exc)
+                return None
+        finally:
+            self._main_replacing = False
         return self._channel
+
+    async def _discard(self, channel: AbstractChannel | None) -> None:
+        """Close a channel we are done with, for good. A robust channel the broker closed may be
+        reopening right now (aio-pika restores it on its own): close that reopened one too,
+        or it stays open on the connection with nobody holding it."""
+        if channel is None:
+            return
+        if isinstance(channel, AbstractRobustChannel):
+
+            async def close_again(*_: object) -> None:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+
+            channel.reopen_callbacks.add(close_again)
+        # Even when its own restore failed (aio-pika then warns "Channel not opened"): close()
+        # is what stops aio-pika from restoring it later.
+        try:
+            await asyncio.wait_for(channel.close(), ROUND_TIMEOUT_S)
+        except BaseException as exc:
+            if self._must_end(exc):
+                raise
 
     def _backing_off(self, model: str, now: float) -> bool:
         entry = self._action_backoff.get(model)
@@ -770,6 +932,7 @@ class Controller:
             self._start_drain(model)
         for model in self.routing.forget_stale(now=now, live=live):
             self._queue_counts.pop(model, None)
+            self._action_backoff.pop(model, None)
             log.info(
                 "model %s forgotten after %.0fs without workers", model, self.routing.forget_after_s
             )
@@ -812,7 +975,8 @@ class Controller:
             self.metrics.catalog_names_invalid.inc(invalid)
             log.warning("catalog: ignored %d name(s) that fail the model-name rule", invalid)
         self.routing.learn(known, now=self.clock())
-        self._catalog_written = frozenset(known)
+        # With planted names the stored catalog differs from ours: rewrite it.
+        self._catalog_written = None if invalid else frozenset(known)
         log.info("catalog: %d known model(s)", len(known))
 
     async def _write_catalog(self) -> None:
@@ -883,20 +1047,59 @@ class Controller:
         return 0.0 if self.started_at is None else self.clock() - self.started_at
 
     async def _reroute(self, message: AbstractIncomingMessage, model: str) -> bool:
-        """The model has a live worker (it raced its binding): bind and send the job back."""
-        channel, jobs = self._channel, self._jobs
-        if channel is None or jobs is None or channel.is_closed:
+        """The model has a live worker (it raced its binding): bind and send the job back.
+
+        Under the same per-model backoff and rate-limited log as the binder, and on a
+        throw-away channel: a bind the broker refuses (the model's queue re-declared with other
+        arguments) closes that channel, never the binding channel, and costs one attempt per
+        backoff period, not one per job."""
+        connection = self._connection
+        now = self.clock()
+        if connection is None or not self._connected() or self._backing_off(model, now):
             return False
         headers: dict[str, Any] = dict(message.headers or {})
+        headers[REROUTED_HEADER] = 1
+        async with self._reroute_slots:
+            if self._backing_off(model, self.clock()):
+                return False  # a re-route ahead of this one just failed
+            return await self._reroute_on_own_channel(connection, message, model, headers)
+
+    async def _reroute_on_own_channel(
+        self,
+        connection: AbstractRobustConnection,
+        message: AbstractIncomingMessage,
+        model: str,
+        headers: dict[str, Any],
+    ) -> bool:
+        now = self.clock()
         deadline = headers.get(DEADLINE_HEADER)
-        # Epoch milliseconds (see Client._publish).
+        # Epoch milliseconds (see Client._publish); read after waiting for a slot.
         remaining = deadline / 1000 - time.time() if isinstance(deadline, (int, float)) else None
         if remaining is not None and remaining <= 0:
             return False
-        headers[REROUTED_HEADER] = 1
         try:
-            await self.topology.bind_model(channel, model)
+            channel = await asyncio.wait_for(
+                connection.channel(publisher_confirms=True), ROUND_TIMEOUT_S
+            )
+        except Exception as exc:
+            self._warn("reroute", "re-routing job %s: no channel (%r)", message.message_id, exc)
+            return False
+        try:
+            try:
+                await self.topology.bind_model(channel, model)
+            except Exception as exc:
+                self._action_failed(model, now)
+                if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
+                    self._base_suspect = True
+                self._warn(
+                    f"action-{model}",
+                    "binding %s to re-route a job failed (%s); retrying with backoff",
+                    model,
+                    exc,
+                )
+                return False
             self.routing.mark_bound(model)
+            jobs = await channel.get_exchange(self.names.jobs, ensure=False)
             await jobs.publish(
                 aio_pika.Message(
                     message.body,
@@ -914,8 +1117,10 @@ class Controller:
                 mandatory=False,
             )
         except Exception as exc:
-            log.warning("re-routing job %s failed: %s", message.message_id, exc)
+            self._warn("reroute", "re-routing job %s failed: %s", message.message_id, exc)
             return False
+        finally:
+            await self._discard(channel)
         with contextlib.suppress(Exception):
             await message.ack()
         return True
@@ -938,6 +1143,7 @@ class Controller:
         assert self._connection is not None
         channel = await self._connection.channel(publisher_confirms=False)
         drained = 0
+        emptied = False
         try:
             # Passive and untracked: a queue someone re-declared with other arguments is still
             # drained, and the throw-away channel remembers nothing.
@@ -947,17 +1153,20 @@ class Controller:
             while not self.registry.serving(model) and not self.routing.routable(model):
                 message = await queue.get(no_ack=False, fail=False, timeout=5)
                 if message is None:
+                    emptied = True
                     break
                 await self._fail_no_worker(message, model)
                 drained += 1
         except Exception as exc:
             self._warn(f"drain-{model}", "draining %s stopped: %s", model, exc)
         finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
+            await self._discard(channel)
         if drained:
             log.warning("model %s: %d queued job(s) failed with NO_WORKER", model, drained)
-        self._queue_counts[model] = (0, self._queue_counts.get(model, (0, 0))[1])
+        if emptied and model in self._queue_counts:
+            # Only a drain that reached the end knows the depth; otherwise the next stats round
+            # reads it.
+            self._queue_counts[model] = (0, self._queue_counts[model][1])
 
     # -- queue statistics ------------------------------------------------------------------
 
@@ -965,13 +1174,18 @@ class Controller:
         interval = self.settings.routing.stats_interval_s
         while True:
             try:
-                await self.refresh_queue_counts()
+                await asyncio.wait_for(self.refresh_queue_counts(), ROUND_TIMEOUT_S)
                 self._rounds += 1
                 if self._rounds % REBIND_EVERY_ROUNDS == 0 or self._base_suspect:
-                    await self._reassert_base()
-                    await self._reassert_bindings()
-            except Exception as exc:
-                self._warn("stats", "queue statistics failed (%s); retrying next round", exc)
+                    await asyncio.wait_for(self._reassert_base(), ROUND_TIMEOUT_S)
+                    await asyncio.wait_for(self._reassert_bindings(), ROUND_TIMEOUT_S)
+            except BaseException as exc:
+                if self._must_end(exc):
+                    raise
+                # It may be what failed: take a new one next round.
+                stats_channel, self._stats_channel = self._stats_channel, None
+                await self._discard(stats_channel)
+                self._warn("stats", "queue statistics failed (%r); retrying next round", exc)
             await asyncio.sleep(interval)
 
     async def _reassert_base(self) -> None:
@@ -999,13 +1213,13 @@ class Controller:
                 counts = await self.topology.queue_counts(self._stats_channel, model)
             except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPError) as exc:
                 log.debug("queue counts of %s: %s", model, exc)
-                self._stats_channel = None
+                stats_channel, self._stats_channel = self._stats_channel, None
+                await self._discard(stats_channel)
                 continue
             if counts is None:
                 self._queue_counts.pop(model, None)
-                with contextlib.suppress(Exception):
-                    await self._stats_channel.close()
-                self._stats_channel = None  # a passive miss closed it
+                stats_channel, self._stats_channel = self._stats_channel, None
+                await self._discard(stats_channel)  # a passive miss closed it
             else:
                 self._queue_counts[model] = counts
                 unbound = self.routing.unbound(model) and not self.registry.serving(model)

@@ -48,7 +48,15 @@ __all__ = [
 ]
 
 # Label values known in advance: each series is exported at 0 from the start.
-HEARTBEAT_INVALID_CAUSES = ("not_json", "schema", "version", "too_large", "models_cap", "user")
+HEARTBEAT_INVALID_CAUSES = (
+    "not_json",
+    "schema",
+    "version",
+    "too_large",
+    "models_cap",
+    "user",
+    "clock",
+)
 EVICTION_REASONS = ("timeout", "stopping", "stuck")
 ROUTING_ACTIONS = ("bind", "unbind")
 # reply_to is not a broker-issued direct reply-to address (modelfleet.addressing).

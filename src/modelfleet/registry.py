@@ -23,6 +23,21 @@ held. The bound on evicting a worker that really died, with the broker healthy, 
 counted from its last heartbeat (the next probe after the deadline leaves within one interval,
 comes back after one round trip, and the next sweep acts on it).
 
+After broker trouble (:class:`EvictionHold`): while the probe does not come back nobody is
+evicted; when it comes back after a gap, or the controller's connection is re-established,
+evictions wait ``timeout_s + RECONNECT_ALLOWANCE_TIMEOUTS * timeout_s`` more, so a whole fleet
+reconnecting after a broker restart is not evicted at once. A worker that really died in the
+outage is then evicted at most::
+
+    T + (1 + RECONNECT_ALLOWANCE_TIMEOUTS) * timeout_s + sweep_interval_s
+
+after the moment T the broker is healthy again (the probe back), and its model gets NO_WORKER
+``routing.no_worker_grace_s`` after that (the model is unbound then, and its backlog drained).
+
+A heartbeat whose ``started_at`` lies more than ``MAX_STARTED_AHEAD_S`` ahead of the
+controller's wall clock is refused (:func:`started_at_plausible`): the later incarnation wins,
+so one forged or skewed far-future start time would hide the real worker of that id.
+
 >>> registry = Registry()
 >>> registry.observe(heartbeat, now=time.monotonic())
 >>> registry.sweep(now=time.monotonic(), timeout_s=6.0, vouched_at=probe_seen_at)
@@ -40,13 +55,54 @@ from pydantic import BaseModel, ConfigDict
 from modelfleet.messages import Heartbeat, JobCounters, WorkerState
 
 __all__ = [
+    "MAX_STARTED_AHEAD_S",
+    "RECONNECT_ALLOWANCE_TIMEOUTS",
+    "EvictionHold",
     "EvictionReason",
     "ModelView",
     "Observation",
     "Registry",
     "SweepResult",
     "WorkerInfo",
+    "started_at_plausible",
 ]
+
+# A worker's started_at (its wall clock) may be this far ahead of the controller's: clock skew
+# between hosts is seconds; more is a broken clock or a forgery.
+MAX_STARTED_AHEAD_S = 300.0
+# After broker trouble, how many extra heartbeat timeouts the fleet gets to reconnect before
+# anyone is evicted: thousands of workers reconnecting to a restarted broker (with their
+# backoff) can take longer than one timeout, and evicting them all at once would unbind every
+# model and answer NO_WORKER fleet-wide.
+RECONNECT_ALLOWANCE_TIMEOUTS = 1.0
+
+
+def started_at_plausible(started_at: float, wall_now: float) -> bool:
+    """Whether a heartbeat's ``started_at`` is not implausibly far in the future."""
+    return started_at <= wall_now + MAX_STARTED_AHEAD_S
+
+
+class EvictionHold:
+    """When evictions may start again after broker trouble (pure; monotonic clock).
+
+    ``broker_silent(now)``: the controller's probe is overdue — hold for one timeout from now
+    (renewed while it stays overdue). ``broker_back(now)``: the probe returned after a gap, or
+    the connection was re-established — hold for ``timeout_s`` plus the reconnect allowance.
+    A hold is only ever extended, never cut short."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.until = 0.0
+
+    def broker_silent(self, now: float) -> None:
+        self.until = max(self.until, now + self.timeout_s)
+
+    def broker_back(self, now: float) -> None:
+        allowance = RECONNECT_ALLOWANCE_TIMEOUTS * self.timeout_s
+        self.until = max(self.until, now + self.timeout_s + allowance)
+
+    def allows(self, now: float) -> bool:
+        return now >= self.until
 
 
 class Observation(StrEnum):

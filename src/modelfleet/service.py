@@ -41,16 +41,17 @@ class ControllerService:
         self._stop.set()
 
     async def run(self) -> None:
-        """Start, serve until SIGTERM/SIGINT, stop."""
+        """Start, serve until SIGTERM/SIGINT or a controller failure, stop."""
         await self.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._stop.set)
         try:
-            await self._stop.wait()
+            await self.controller.serve_until(self._stop)
         finally:
             await self.stop()
+        self.controller.raise_if_failed()  # a core task died: exit non-zero (cli: 3)
 
 
 def build_controller(settings: Settings, *, instance: str | None = None) -> ControllerService:

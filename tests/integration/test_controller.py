@@ -119,6 +119,8 @@ async def test_malformed_heartbeats_are_counted_and_never_stop_the_controller(
         ("too_large", json.dumps(_heartbeat(host="x" * 70_000)).encode()),
         ("version", json.dumps(_heartbeat(v=2)).encode()),
         ("models_cap", json.dumps(_heartbeat(models=["a", "b", "c"])).encode()),
+        # A start time far ahead would win over the real worker of that id until then.
+        ("clock", json.dumps(_heartbeat(started_at=time.time() + 1e6)).encode()),
     ]
     expected: dict[str, int] = {}
     for cause, _ in bad:
@@ -548,7 +550,15 @@ async def test_labelled_counters_with_known_labels_are_exported_at_zero_from_the
         expected = [
             *(
                 ("modelfleet_heartbeats_invalid_total", (("cause", cause),))
-                for cause in ("not_json", "schema", "version", "too_large", "models_cap", "user")
+                for cause in (
+                    "not_json",
+                    "schema",
+                    "version",
+                    "too_large",
+                    "models_cap",
+                    "user",
+                    "clock",
+                )
             ),
             *(
                 ("modelfleet_evictions_total", (("reason", reason),))
@@ -631,3 +641,16 @@ async def test_catalog_names_that_fail_the_model_name_rule_are_dropped_and_count
     async with Controller(settings) as controller:
         assert controller.routing.known() == {good}
         assert metric(controller, "modelfleet_catalog_names_invalid_total") == 5
+
+        async def catalog_rewritten() -> bool:
+            # The planted names must not stay in the catalog for the next controller to read.
+            async with broker(amqp_url) as connection:
+                channel = await connection.channel()
+                catalog = await channel.declare_queue(ns.names.catalog, passive=True)
+                message = await catalog.get(no_ack=False, fail=False)
+                if message is None:
+                    return False
+                await message.nack(requeue=True)
+                return bool(json.loads(message.body)["models"] == [good])
+
+        await wait_for(catalog_rewritten, timeout=5, interval=0.2, what="the catalog rewritten")

@@ -6,6 +6,11 @@ restarted under its old id. Every fault is made on the real broker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import logging
+import os
+import socket
 import subprocess
 import time
 from contextlib import AsyncExitStack
@@ -16,13 +21,15 @@ import aiohttp
 import aiormq
 import pytest
 
+from modelfleet import controller as controller_module
 from modelfleet.client import Client
 from modelfleet.config import Settings
 from modelfleet.controller import Controller
-from modelfleet.errors import ErrorCode, NoWorkerError
+from modelfleet.errors import BrokerError, ErrorCode, NoWorkerError
 from modelfleet.http import StatusServer
 from modelfleet.jobs import Job
 from modelfleet.messages import ErrorReply, Heartbeat
+from modelfleet.service import build_controller
 from modelfleet.topology import Topology
 from modelfleet.worker import Worker
 from tests.conftest import Namespace
@@ -469,3 +476,230 @@ async def test_the_dead_letter_tap_comes_back_after_its_queue_is_deleted(
 
         await wait_for(counted_again, timeout=10, what="dead letters counted again")
         assert await queue_exists(connection, ns.names.dead_tap(controller.instance))
+
+
+# --- round 2: loops that survive a dropped connection; bounded side effects ---------------------
+
+
+def controller_connections(item: str) -> list[int]:
+    """``item`` (channels, peer_port) of this process's controller connections, as the broker
+    lists them."""
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "client_properties", item],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    name = f'"modelfleet-controller@{socket.gethostname()}:{os.getpid()}"'
+    return [int(line.rsplit("\t", 1)[1]) for line in out.splitlines() if name in line]
+
+
+def controller_channels() -> list[int]:
+    return controller_connections("channels")
+
+
+def silence_controller_socket() -> None:
+    """Stop reading the controller's socket: the broker is untouched, but to the controller
+    the connection goes silent, as in a network cut."""
+    ports = controller_connections("peer_port")
+    assert len(ports) == 1, ports
+    transports = [
+        o
+        for o in gc.get_objects()
+        if isinstance(o, asyncio.Transport)
+        and not o.is_closing()
+        and (o.get_extra_info("sockname") or ("", 0))[1] == ports[0]
+    ]
+    assert len(transports) == 1, transports
+    transports[0].pause_reading()
+
+
+async def test_a_silent_connection_dropped_by_aiormq_leaves_every_loop_running(
+    ns: Namespace, amqp_url: str
+) -> None:
+    """The socket goes silent (a network cut seen from our side); aiormq declares the
+    connection stuck, fails its pending RPCs with CancelledError and aio-pika reconnects.
+    Every core loop must survive that: heartbeats are consumed again and depths follow."""
+    model = ns.model()
+    settings = ns.settings(
+        amqp={"heartbeat_s": 1},
+        heartbeat={"interval_s": 0.5, "timeout_s": 2.0, "sweep_interval_s": 0.1},
+        routing={"stats_interval_s": 0.3},
+    )
+    async with AsyncExitStack() as stack:
+        controller = await stack.enter_async_context(Controller(settings))
+        await a_new_worker_registers(stack, controller, settings, model, "before")
+        await wait_for(lambda: controller.healthy, timeout=5, what="healthy")
+        assert controller._connection is not None and controller._connection.transport
+        old = controller._connection.transport.connection
+        silence_controller_socket()
+
+        def replaced() -> bool:
+            transport = controller._connection.transport if controller._connection else None
+            return transport is not None and transport.connection is not old
+
+        await wait_for(replaced, timeout=10, what="aiormq gave up on the silent connection")
+
+        await a_new_worker_registers(stack, controller, settings, model, "after")
+        await wait_for(lambda: controller.healthy, timeout=8, what="healthy again")
+        assert controller.tasks_alive
+
+        # The stats loop is alive too: the broker's consumer count (read only by that loop)
+        # follows the second worker.
+        def consumers() -> int | None:
+            return next(f.consumers for f in controller.model_figures() if f.name == model)
+
+        await wait_for(lambda: consumers() == 2, timeout=5, what="queue counts read again")
+
+
+async def test_a_core_loop_that_ends_makes_healthz_503_and_run_fail(ns: Namespace) -> None:
+    """Any way a core loop could end while the controller is not stopping (here: cancelled
+    from outside): /healthz says so at once, and the service's run() raises, so the
+    ``modelfleet controller`` process exits non-zero and its supervisor restarts it."""
+    settings = ns.settings(http={"port": 0})
+    async with AsyncExitStack() as stack:
+        controller = await stack.enter_async_context(Controller(settings))
+        server = StatusServer(controller, "127.0.0.1", 0)
+        await server.start()
+        stack.push_async_callback(server.stop)
+        await wait_for(lambda: controller.healthy, timeout=5, what="healthy")
+        stats = next(t for t in controller._tasks if t.get_name() == "modelfleet-stats")
+        stats.cancel()
+        await wait_for(lambda: not controller.tasks_alive, timeout=5, what="the loop ended")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{server.url}/healthz") as response,
+        ):
+            assert response.status == 503
+            assert (await response.json())["tasks_alive"] is False
+        assert controller.failure is not None and "modelfleet-stats" in controller.failure
+
+    service = build_controller(settings)
+    runner = asyncio.create_task(service.run())
+    try:
+        await wait_for(lambda: service.controller.tasks_alive, timeout=5, what="started")
+        sweeper = next(t for t in service.controller._tasks if t.get_name() == "modelfleet-sweeper")
+        sweeper.cancel()
+        with pytest.raises(controller_module.ControllerFailedError, match="modelfleet-sweeper"):
+            await asyncio.wait_for(asyncio.shield(runner), 10)
+        assert isinstance(runner.exception(), BrokerError)  # the cli maps it to exit code 3
+    finally:
+        runner.cancel()
+        with contextlib.suppress(BaseException):
+            await runner
+
+
+async def test_rerouting_a_model_whose_bind_is_refused_backs_off_and_logs_rarely(
+    ns: Namespace, amqp_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A live model whose queue was re-declared with other arguments: every job for it comes
+    back through the unroutable queue. Each one gets NO_WORKER, but the refused bind is tried
+    under the model's backoff and logged once, not once per job."""
+    hostile = ns.model("a")
+    settings = ns.settings(routing={"no_worker_grace_s": 0.5})
+    async with AsyncExitStack() as stack:
+        connection = await stack.enter_async_context(broker(amqp_url))
+        channel = await connection.channel()
+        await channel.declare_queue(ns.names.model_queue(hostile), durable=True)  # classic
+        controller = await stack.enter_async_context(Controller(settings))
+        exchange = await channel.get_exchange(ns.names.heartbeats)
+        seq = 0
+
+        async def announce_hostile() -> None:
+            nonlocal seq
+            while True:
+                seq += 1
+                beat = Heartbeat(
+                    worker_id="fake", models=(hostile,), concurrency=1, sent_at=time.time(),
+                    interval_s=0.25, seq=seq,
+                )  # fmt: skip
+                await exchange.publish(aio_pika.Message(beat.model_dump_json().encode()), "")
+                await asyncio.sleep(0.2)
+
+        announcer = asyncio.create_task(announce_hostile())
+        stack.callback(announcer.cancel)
+        await wait_for(lambda: controller.registry.serving(hostile), what="hostile model live")
+        await wait_for(lambda: not controller.listen_only, what="the end of the listen window")
+        producer = await RawProducer.open(connection, Topology(ns.names))
+        jobs = [await producer.publish(b'{"n": 1}', model=hostile) for _ in range(40)]
+        for job_id in jobs:
+            reply = await producer.reply(job_id, within=10)
+            assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.NO_WORKER
+        noisy = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        # (Other lines may name the model under load, say an eviction of the fake worker.)
+        about_it = [m for m in noisy if "re-rout" in m or (hostile in m and "failed" in m)]
+        assert len(about_it) <= 3, about_it
+
+
+async def test_a_base_topology_that_cannot_be_declared_does_not_leak_channels(
+    ns: Namespace, amqp_url: str
+) -> None:
+    """``{ns}.jobs`` re-declared with other arguments: every attempt to declare the base
+    topology is refused and closes its channel. The controller's channels stay bounded, and
+    once the fault is gone it holds as many as before (none was left open unreferenced)."""
+    settings = ns.settings(routing={"stats_interval_s": 0.1})
+    async with AsyncExitStack() as stack:
+        controller = await stack.enter_async_context(Controller(settings))
+        await wait_for(lambda: controller.healthy, timeout=5, what="healthy")
+        await wait_for(lambda: len(controller_channels()) == 1, timeout=10, what="listed")
+        baseline = controller_channels()[0]
+        connection = await stack.enter_async_context(broker(amqp_url))
+        channel = await connection.channel()
+        await channel.exchange_delete(ns.names.jobs)
+        # No alternate exchange: inequivalent to what the controller declares.
+        await channel.declare_exchange(ns.names.jobs, aio_pika.ExchangeType.DIRECT, durable=True)
+        seen = [baseline]
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            counts = controller_channels()
+            assert counts, "the controller's connection is gone"
+            seen.append(counts[0])
+            await asyncio.sleep(0.3)
+        assert max(seen) <= baseline + 2, seen
+
+        await channel.exchange_delete(ns.names.jobs)  # the controller declares it again
+        await wait_for(
+            lambda: exchange_exists(connection, ns.names.jobs), timeout=10, what="redeclared"
+        )
+        # (The stats channel is opened lazily, so one fewer is fine; a leak is more.)
+        await wait_for(
+            lambda: len(listed := controller_channels()) == 1 and listed[0] <= baseline,
+            timeout=10,
+            what=f"back to {baseline} channels (seen {seen}) {controller_state(controller)}",
+        )
+        assert controller.tasks_alive
+
+
+async def test_a_forged_probe_with_the_instance_id_does_not_pass_for_ours(
+    ns: Namespace, amqp_url: str
+) -> None:
+    """The instance id is readable in the controller's queue name; a probe-typed message
+    carrying it must not keep the controller's probe fresh (only its secret token does)."""
+    settings = ns.settings(heartbeat={"interval_s": 2.0, "timeout_s": 6.0})
+    async with AsyncExitStack() as stack:
+        controller = await stack.enter_async_context(Controller(settings))
+        await wait_for(lambda: controller.health()["probe_age_s"] is not None, what="probing")
+        connection = await stack.enter_async_context(broker(amqp_url))
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(ns.names.heartbeats)
+        ages: list[float] = []
+        deadline = time.monotonic() + 4.5  # more than two probe intervals
+        while time.monotonic() < deadline:
+            forged = aio_pika.Message(controller.instance.encode(), type="modelfleet.probe")
+            await exchange.publish(forged, "")
+            await asyncio.sleep(0.1)
+            ages.append(controller.health()["probe_age_s"])
+        # Our own probe returns once per interval: its age climbs well past the forgeries'
+        # 0.1 s cadence between returns. Accepted forgeries would hold it near 0.1 s.
+        assert max(ages) > 1.0, ages
+
+
+def controller_state(c: Controller) -> str:
+    conn = c._connection.transport.connection  # type: ignore[union-attr]
+    open_ = sorted(n for n, ch in conn.channels.items() if not ch.is_closed)
+    refs = {
+        k: (getattr(c, k) is not None and not getattr(c, k).is_closed)
+        for k in ("_channel", "_stats_channel", "_hb_channel", "_nw_channel")
+    }
+    return f"open={open_} refs={refs} listed={controller_channels()}"

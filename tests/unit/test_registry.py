@@ -5,7 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from modelfleet.messages import Heartbeat, WorkerState
-from modelfleet.registry import ModelView, Observation, Registry, SweepResult
+from modelfleet.registry import (
+    MAX_STARTED_AHEAD_S,
+    RECONNECT_ALLOWANCE_TIMEOUTS,
+    EvictionHold,
+    ModelView,
+    Observation,
+    Registry,
+    SweepResult,
+    started_at_plausible,
+)
 
 TIMEOUT = 6.0
 
@@ -433,3 +442,45 @@ def test_serving_follows_states_joins_and_departures() -> None:
     registry.sweep(now=100.0, timeout_s=1.0, guard_min_workers=99)
     check()
     assert registry.live_models() == set()
+
+
+# --- after broker trouble: when evictions may start again ---------------------------------------
+
+
+def test_a_fresh_hold_allows_evictions() -> None:
+    assert EvictionHold(TIMEOUT).allows(0.0)
+
+
+def test_an_overdue_probe_holds_for_one_timeout_renewed_while_it_stays_overdue() -> None:
+    hold = EvictionHold(TIMEOUT)
+    hold.broker_silent(10.0)
+    assert not hold.allows(10.0 + TIMEOUT - 0.01)
+    hold.broker_silent(12.0)
+    assert not hold.allows(10.0 + TIMEOUT + 1.0)
+    assert hold.allows(12.0 + TIMEOUT)
+
+
+def test_the_broker_back_gives_the_fleet_a_timeout_plus_the_reconnect_allowance() -> None:
+    hold = EvictionHold(TIMEOUT)
+    hold.broker_silent(10.0)
+    hold.broker_back(11.0)
+    back_until = 11.0 + TIMEOUT * (1 + RECONNECT_ALLOWANCE_TIMEOUTS)
+    assert RECONNECT_ALLOWANCE_TIMEOUTS > 0  # more than the bare timeout
+    assert not hold.allows(back_until - 0.01)
+    assert hold.allows(back_until)
+
+
+def test_a_hold_is_never_cut_short() -> None:
+    hold = EvictionHold(TIMEOUT)
+    hold.broker_back(20.0)
+    hold.broker_silent(15.0)  # an older, shorter hold does not shorten it
+    assert not hold.allows(20.0 + TIMEOUT)
+
+
+def test_a_started_at_far_ahead_of_the_wall_clock_is_implausible() -> None:
+    now = 1_700_000_000.0
+    assert started_at_plausible(now - 3600, now)
+    assert started_at_plausible(now + 5, now)  # ordinary clock skew between hosts
+    assert started_at_plausible(now + MAX_STARTED_AHEAD_S, now)
+    assert not started_at_plausible(now + MAX_STARTED_AHEAD_S + 1, now)
+    assert not started_at_plausible(1e12, now)
