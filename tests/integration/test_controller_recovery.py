@@ -507,7 +507,8 @@ def silence_controller_socket() -> None:
     transports = [
         o
         for o in gc.get_objects()
-        if isinstance(o, asyncio.Transport)
+        # type(), not isinstance(): some objects (lazy import proxies) raise on __class__
+        if issubclass(type(o), asyncio.Transport)
         and not o.is_closing()
         and (o.get_extra_info("sockname") or ("", 0))[1] == ports[0]
     ]
