@@ -10,7 +10,15 @@ A ``multiple`` ack must never cover a delivery that is running or being handed b
 make that hold in any interleaving:
 
 * a delivery stays *unsettled* (so no plan covers it) until the frame that settles it — its
-  nack, its reject, or the ack planned for it — has been handed to aiormq;
+  nack, its reject, or the ack planned for it — has been handed to aiormq. A nack or reject
+  cancelled before aiormq queued its frame (its write queue holds 10 frames; a full one makes
+  the call wait) leaves the delivery unsettled: the frame was not sent, and a multiple ack must
+  not cover it. With ``wait=False`` aiormq's only await is the put into that queue, so a call
+  that returns has queued its frame and one that raises has not;
+* each delivery is settled once: a nack, reject or ack of a delivery already settled (or
+  already planned for an ack) sends nothing, so a retry on a cancel path never reaches the
+  broker as a second settlement of one tag (which it refuses with "unknown delivery tag",
+  closing the channel);
 * every settling frame goes through the batcher under one lock, so the frames of one channel
   enter aiormq's write queue in the order they were planned (a bounded ``asyncio.Queue`` does
   not keep concurrent blocked writers in order on its own).
@@ -114,6 +122,11 @@ class AckBatcher:
         """Channels tracked (a closed one is forgotten at the next flush or new channel)."""
         return len(self._unsettled.keys() | self._finished.keys())
 
+    def unsettled(self, channel: AckChannel) -> int:
+        """Deliveries of ``channel`` not settled yet (running, waiting, or acked but not
+        written)."""
+        return len(self._unsettled.get(channel, ()))
+
     def delivered(self, channel: AckChannel, tag: int) -> None:
         tags = self._unsettled.get(channel)
         if tags is None:
@@ -124,6 +137,8 @@ class AckBatcher:
 
     def ack(self, channel: AckChannel, tag: int) -> None:
         """Ack ``tag`` with the next batch (on the next turn of the event loop)."""
+        if tag not in self._unsettled.get(channel, ()):
+            return  # settled already (or its channel is gone): once only
         self._finished.setdefault(channel, []).append(tag)
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.get_running_loop().create_task(
@@ -134,18 +149,28 @@ class AckBatcher:
         """Hand ``tag`` back to its queue (``requeue``) now. Raises if the channel is closed
         (the broker then requeued the delivery itself)."""
         async with self._writing:
+            if not self._settling(channel, tag):
+                return
             try:
                 await channel.basic_nack(tag, requeue=requeue, wait=False)
-            finally:
-                self._discard(channel, tag)  # only now may a multiple ack cover it
+            except BaseException:
+                if channel.is_closed:
+                    self._discard(channel, tag)  # the broker requeued it with the channel
+                raise  # not queued (cancelled while the write queue was full): still unsettled
+            self._discard(channel, tag)  # queued: only now may a multiple ack cover it
 
     async def reject(self, channel: AckChannel, tag: int) -> None:
         """Dead-letter ``tag`` through its queue's dead-letter exchange (no requeue)."""
         async with self._writing:
+            if not self._settling(channel, tag):
+                return
             try:
                 await channel.basic_reject(tag, requeue=False, wait=False)
-            finally:
-                self._discard(channel, tag)
+            except BaseException:
+                if channel.is_closed:
+                    self._discard(channel, tag)
+                raise
+            self._discard(channel, tag)
 
     async def flush(self, *, drain: bool = False) -> None:
         """Hand every pending ack to the connection now; with ``drain``, return only once they
@@ -175,18 +200,32 @@ class AckBatcher:
                     self._discard(channel, tag)
             self._prune()
 
-    async def aclose(self) -> None:
-        """Flush and drain (call before closing the connection), after a flush under way."""
-        if self._flushing is not None and not self._flushing.done():
-            with contextlib.suppress(Exception):
-                await self._flushing
-        await self.flush(drain=True)
+    async def aclose(self, timeout_s: float = 5.0) -> None:
+        """Flush and drain (call before closing the connection), after a flush under way; at
+        most ``timeout_s`` (a connection that does not drain must not hold a stop forever;
+        what is not written is redelivered by the broker)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                if self._flushing is not None and not self._flushing.done():
+                    with contextlib.suppress(Exception):
+                        await self._flushing
+                await self.flush(drain=True)
+        except TimeoutError:
+            log.warning(
+                "acks not written within %.1fs; the broker redelivers those jobs", timeout_s
+            )
 
     async def _flush_soon(self) -> None:
         # Started with create_task: the jobs that finish in this turn of the loop join the
         # batch before it runs; acks that arrive while it writes go out in a next round.
         while self._finished:
             await self.flush()
+
+    def _settling(self, channel: AckChannel, tag: int) -> bool:
+        """May a nack or reject of ``tag`` be sent: unsettled, and no ack planned for it."""
+        if tag not in self._unsettled.get(channel, ()):
+            return False
+        return tag not in self._finished.get(channel, ())
 
     def _prune(self) -> None:
         for channel in [c for c in self._unsettled if c.is_closed]:

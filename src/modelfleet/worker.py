@@ -24,9 +24,36 @@ only to direct reply-to addresses: a job whose ``reply_to`` is anything else is 
 invalid before it runs (counted in ``reply_refused``). A job that
 never started (delivered while stopping or paused) is handed back by a confirmed republish, so
 it spends none of its ``x-delivery-limit``; one handed back after it started does. Heartbeats use
-a channel of their own. A model queue whose consumer is gone (queue deleted, channel closed) is
-consumed again within seconds, the heartbeats saying ``draining`` meanwhile, or the worker exits
-(see :class:`ResubscribePolicy`).
+a channel of their own, and each model queue a job channel of its own, so replacing one never
+requeues another model's running jobs. A model queue whose consumer is gone (queue deleted,
+channel closed) is consumed again within seconds, the heartbeats saying ``draining`` meanwhile,
+or the worker exits (see :class:`ResubscribePolicy`); a network or broker outage is aio-pika's
+to recover and counts toward no give-up. A *phantom* consumer (RabbitMQ 3.10: a quorum queue
+deleted and at once declared again sends no cancel; the new queue counts the old consumer and
+hands it jobs the channel never delivers) is found by the passive declare when jobs wait ready
+behind it, and otherwise by renewing quiet channels (see :class:`IdleRecycle` for its limits).
+The consumer watch runs in a task of its own, so it never delays a heartbeat, and no RPC of a
+job channel is ever cancelled by a timeout (aiormq would close the channel and requeue its jobs).
+
+Known window: a hand-back (republish, then ack) under way when its job channel closes leaves
+the republished copy and the broker's own requeue of the original: that job runs twice.
+
+Below aio-pika's public API (each with the test that covers its failure modes):
+
+* ``underlay.consumers`` (aiormq ``Channel.consumers``): tells a consumer the broker cancelled —
+  ``test_worker_recovery::test_a_model_queue_deleted_under_the_worker_is_consumed_again``;
+* ``aio_pika.Channel(connection)`` + ``initialize()`` for the heartbeat and probe channels (plain
+  channels: no cached passive declare, no restore that waits for a missing exchange) —
+  ``test_worker_recovery::test_a_refused_heartbeat_leaves_the_running_job_alone``,
+  ``test_worker_races::test_a_phantom_consumer_holding_a_small_burst_is_found``;
+* ``connection.connected`` (an attribute of aio-pika's ``Connection``, not of its abstract
+  class): an outage is not a lost consumer —
+  ``test_worker_races::test_a_network_outage_is_no_reason_to_give_up``;
+* aiormq ``Channel.basic_ack/nack/reject(wait=False)`` through :mod:`modelfleet.acks` (a call
+  that returns has queued its frame) — ``test_acks::test_a_multiple_ack_never_overtakes_a_nack``,
+  ``test_acks::test_a_nack_cancelled_before_its_frame_is_queued_leaves_the_job_unsettled``;
+* :func:`modelfleet.publishing.publish_on` on the delivery's aiormq channel (see there) —
+  ``test_worker_recovery::test_a_stream_whose_channel_dies_is_redelivered_not_failed``.
 """
 
 from __future__ import annotations
@@ -86,7 +113,14 @@ from modelfleet.topology import (
     json_message,
 )
 
-__all__ = ["Handler", "ResubscribePolicy", "Worker", "handback_expiration", "handback_headers"]
+__all__ = [
+    "Handler",
+    "IdleRecycle",
+    "ResubscribePolicy",
+    "Worker",
+    "handback_expiration",
+    "handback_headers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +143,9 @@ LOG_CAUSE_EVERY_S = 60.0
 _TRANSPORT_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, aiormq.ChannelInvalidStateError)
 # How long a hand-back (a republish of a job that never started) may wait for its confirm.
 _HANDBACK_TIMEOUT_S = 5.0
+# The consumer watch asks the broker about a quiet model queue (a passive declare) once every
+# this many looks (heartbeat intervals), and at every look while it misses a consumer.
+_PROBE_EVERY = 3
 
 
 def handback_expiration(
@@ -191,17 +228,75 @@ class ResubscribePolicy:
         self.observe(model, True, 0.0)
 
 
+class IdleRecycle:
+    """When a worker replaces the job channel of a model queue that has delivered nothing for
+    a while (pure; the caller passes the clock).
+
+    Why: RabbitMQ 3.10 sends no cancel when a quorum queue is deleted and at once declared
+    again. The channel keeps a *phantom* consumer that the new queue counts as its consumer
+    (``consumer_count`` 1, checked on the real broker) and hands jobs to, up to the prefetch;
+    the channel never delivers them and holds them unacked until it closes. Over AMQP such a
+    consumer looks exactly like a healthy idle one (no jobs ready, one consumer), so the only
+    sound cure is to close that channel: after ``after_s`` without a delivery, and only when
+    nothing of that channel is unsettled, the worker cancels the consumer, then (if still
+    nothing arrived) replaces the channel: a few frames (cancel, channel open, qos, declare,
+    consume, close) per quiet model and worker; the worker sets ``after_s`` to 4 heartbeat
+    intervals and ``max_after_s`` to 60 s. Each replacement that finds the queue still idle
+    doubles the wait, up to ``max_after_s``; a delivery resets it.
+
+    Limits: jobs held by a phantom wait up to the current wait (``after_s`` just after a
+    delivery, at most ``max_after_s`` on a queue idle for long) and are then redelivered, which
+    counts toward their ``x-delivery-limit``; a job whose delivery is still on its way to the
+    worker when the channel closes (rare: the consumer is cancelled first) is requeued the same
+    way. A phantom on a channel that still has running jobs waits for them to settle. A phantom
+    behind a backlog is found sooner, by the passive declare (jobs ready while this consumer,
+    with credit, got none).
+    """
+
+    def __init__(self, *, after_s: float, max_after_s: float) -> None:
+        self.after_s = after_s
+        self.max_after_s = max(after_s, max_after_s)
+        self._quiet_since: dict[str, float] = {}
+        self._wait: dict[str, float] = {}
+
+    def observe(self, model: str, delivered: bool, unsettled: int, now: float) -> bool:
+        """True: replace ``model``'s channel now (quiet for the current wait, nothing
+        unsettled on it)."""
+        if delivered or unsettled:
+            self._quiet_since[model] = now
+            if delivered:
+                self._wait.pop(model, None)
+            return False
+        since = self._quiet_since.setdefault(model, now)
+        wait = self._wait.get(model, self.after_s)
+        if now - since < wait:
+            return False
+        self._wait[model] = min(wait * 2, self.max_after_s)
+        self._quiet_since[model] = now
+        return True
+
+    def forget(self, model: str) -> None:
+        """Start afresh for ``model`` (paused, or its channel was replaced for another cause)."""
+        self._quiet_since.pop(model, None)
+
+
 class _ReplyLost(Exception):
     """Internal: a reply could not be published because the delivery's channel is gone."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Consumer:
-    """One model queue this worker consumes (``tag`` "" while paused)."""
+    """One model queue this worker consumes, on a job channel of its own (``tag`` "" while
+    paused). ``deliveries`` counts what this consumer got (the watchdog compares it with
+    ``seen``, its value at the last look)."""
 
     model: str
     queue: AbstractQueue
+    channel: AbstractChannel
     tag: str = ""
+    deliveries: int = 0
+    seen: int = 0
+    looks: int = 0  # watchdog looks since the last passive declare
 
 
 class _HandlerKind:
@@ -299,6 +394,8 @@ class Worker:
         self.resubscribe = ResubscribePolicy(
             grace_s=max(2.0, 2 * self.settings.amqp.reconnect_interval_s)
         )
+        interval = self.settings.heartbeat.interval_s
+        self.idle_recycle = IdleRecycle(after_s=4 * interval, max_after_s=max(60.0, 4 * interval))
         # One token per delivery: replies carry it (attempt_id), and running jobs are keyed by
         # it, so two deliveries of one job id are two entries. A random prefix and a counter:
         # unique without a system call per job.
@@ -310,16 +407,21 @@ class Worker:
         self._slots = asyncio.Semaphore(self.concurrency)
         self._seq = 0
         self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
         self._dead_channel: AbstractChannel | None = None
         # Heartbeats have a channel of their own: a heartbeat the broker refuses (user_id,
         # missing exchange) closes that channel only, never the one holding the running jobs.
         self._hb_channel: AbstractChannel | None = None
         self._hb_exchange: AbstractExchange | None = None
         self._probe: AbstractChannel | None = None  # the consumer watch's passive declares
-        self._deliveries = 0
-        self._deliveries_seen = 0
-        self._phantoms: set[str] = set()  # consumer tags the channel has, the queue does not serve
+        self._by_tag: dict[str, _Consumer] = {}  # consumer tag -> its model queue's consumer
+        # Consumer cancels and channel closes left running after their wait ran out: an RPC on
+        # a job channel is never cancelled (aiormq would close the channel, requeueing its jobs).
+        self._background: set[asyncio.Future[Any]] = set()
+        # Held while consumers are added or removed (pause, resume, stop, the watchdog's
+        # re-subscribe), so none of them stores a tag another one is cancelling.
+        self._subscribing = asyncio.Lock()
+        self._watch_task: asyncio.Task[None] | None = None
+        self._watching = False  # the watch is inside a look (it may be in an RPC)
         self._dead_exchange: AbstractExchange | None = None
         self._consumers: list[_Consumer] = []
         self._hb_task: asyncio.Task[None] | None = None
@@ -432,6 +534,7 @@ class Worker:
         self._started = True
         await self._send_heartbeat()
         self._hb_task = asyncio.create_task(self._heartbeat_loop(), name="modelfleet-heartbeat")
+        self._watch_task = asyncio.create_task(self._watch_loop(), name="modelfleet-watch")
         log.info(
             "worker %s serving %s (concurrency %d, namespace %s)",
             self.worker_id,
@@ -443,8 +546,8 @@ class Worker:
     async def _open(self) -> None:
         """Connect, declare and consume (:meth:`start` without the retries)."""
         self._consumers = []
+        self._by_tag = {}
         self._connection = await connect(self.settings.amqp, role="worker", url=self.url)
-        self._channel = await self._job_channel()
         # Confirms: dead-letter copies and hand-backs (republished jobs) must reach their queue
         # before the original is acked; a hand-back that no queue takes comes back (mandatory).
         self._dead_channel = await self._connection.channel(
@@ -463,9 +566,20 @@ class Worker:
         # come between the two.
         await self.cancels.start(self._connection, self.topology)
         for model in self.models:
-            queue = await self.topology.declare_model_queue(self._channel, model)
-            tag = "" if self._paused else await queue.consume(self._on_message)
-            self._consumers.append(_Consumer(model, queue, tag))
+            # A channel per model: replacing one (a phantom consumer, a channel error) never
+            # requeues the running jobs of another model.
+            channel = await self._job_channel()
+            queue = await self.topology.declare_model_queue(channel, model)
+            consumer = _Consumer(model, queue, channel)
+            if not self._paused:
+                consumer.tag = await queue.consume(self._on_message)
+                self._by_tag[consumer.tag] = consumer
+            self._consumers.append(consumer)
+
+    @property
+    def _channel(self) -> AbstractChannel | None:
+        """The job channel of the first model (tests and single-model workers)."""
+        return self._consumers[0].channel if self._consumers else None
 
     async def _job_channel(self) -> AbstractChannel:
         assert self._connection is not None
@@ -512,14 +626,7 @@ class Worker:
         self._stop_requested.set()
         grace = self.settings.worker.stop_grace_s if grace_s is None else grace_s
         self.state = WorkerState.DRAINING
-        # Bounded: on a connection that is down, a robust channel waits for the reconnection
-        # before it cancels, and a stop must never wait for that (jobs delivered meanwhile are
-        # handed back by _on_message).
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(self.settings.heartbeat.interval_s):
-                for consumer in self._consumers:
-                    with contextlib.suppress(Exception):
-                        await consumer.queue.cancel(consumer.tag)
+        await self._cancel_consumers()
         await self._send_heartbeat()
         pending = set(self._tasks)
         if pending:
@@ -533,11 +640,12 @@ class Worker:
             await asyncio.wait(pending, timeout=5)
         if self._handbacks:
             await asyncio.wait(set(self._handbacks), timeout=_HANDBACK_TIMEOUT_S)
+        await self._stop_watch()
         if self._hb_task is not None:
             self._hb_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._hb_task
-        await self._acks.aclose()
+        await self._acks.aclose(timeout_s=_HANDBACK_TIMEOUT_S)
         self.state = WorkerState.STOPPING
         await self._send_heartbeat()
         await self._close_connection()
@@ -551,25 +659,102 @@ class Worker:
             return
         self._paused = True
         self.state = WorkerState.DRAINING
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(self.settings.heartbeat.interval_s):
-                for consumer in self._consumers:
-                    tag, consumer.tag = consumer.tag, ""
-                    self.resubscribe.forget(consumer.model)
-                    if tag:
-                        await consumer.queue.cancel(tag)
+        await self._cancel_consumers()
+        # A cancelled phantom consumer still holds its jobs (and the broker still counts it):
+        # only its channel's close returns them. Channels with nothing unsettled close for free;
+        # resume opens new ones.
+        closing = []
+        for consumer in self._consumers:
+            if not consumer.channel.is_closed and await self._unsettled_on(consumer) == 0:
+                closing.append(self._in_background(consumer.channel.close()))
+        if closing:
+            await asyncio.wait(closing, timeout=self.settings.heartbeat.interval_s)
         await self._send_heartbeat()
 
     async def resume(self) -> None:
         """Take jobs again after :meth:`pause` (state ``ready``)."""
         if not self._paused or self._stop_requested.is_set():
             return
-        self._paused = False
-        for consumer in self._consumers:
-            if not consumer.tag:
-                consumer.tag = await consumer.queue.consume(self._on_message)
+        async with self._subscribing:
+            self._paused = False
+            for consumer in self._consumers:
+                if consumer.tag or not self._started or self._paused:
+                    continue
+                if consumer.channel.is_closed:  # closed by pause
+                    channel = await self._job_channel()
+                    consumer.queue = await self.topology.declare_model_queue(
+                        channel, consumer.model
+                    )
+                    consumer.channel = channel
+                tag = await consumer.queue.consume(self._on_message)
+                await self._keep_tag(consumer, tag)
         self.state = WorkerState.READY
         await self._send_heartbeat()
+
+    async def _unsettled_on(self, consumer: _Consumer) -> int | None:
+        """Deliveries of ``consumer``'s channel not settled yet; None if that cannot be told
+        now (the channel is being restored: a wait on an event, no RPC, so safe to bound)."""
+        try:
+            async with asyncio.timeout(self.settings.heartbeat.interval_s):
+                underlay = await consumer.channel.get_underlay_channel()
+        except (TimeoutError, *_TRANSPORT_ERRORS):
+            return None
+        return self._acks.unsettled(underlay)
+
+    async def _cancel_consumers(self) -> None:
+        """Cancel every consumer (pause, stop): their tags are forgotten at once; the cancels
+        are waited for at most a heartbeat interval and otherwise left running (on a connection
+        that is down, a robust channel waits for the reconnection before it cancels; jobs
+        delivered meanwhile are handed back by _on_message)."""
+        bound = self.settings.heartbeat.interval_s
+        try:
+            # A lock wait, no RPC: safe to bound. A re-subscribe that holds it longer sees the
+            # new state after each of its awaits and undoes its own consumer.
+            async with asyncio.timeout(bound):
+                await self._subscribing.acquire()
+            locked = True
+        except TimeoutError:
+            locked = False
+        try:
+            cancels = []
+            for consumer in self._consumers:
+                tag, consumer.tag = consumer.tag, ""
+                self.resubscribe.forget(consumer.model)
+                self.idle_recycle.forget(consumer.model)
+                self._by_tag.pop(tag, None)
+                if tag:
+                    cancels.append(self._in_background(consumer.queue.cancel(tag)))
+            if cancels:
+                await asyncio.wait(cancels, timeout=bound)
+        finally:
+            if locked:
+                self._subscribing.release()
+
+    def _in_background(self, awaitable: Any) -> asyncio.Future[Any]:
+        """Run an RPC of a job channel as a task that nobody cancels: a caller bounds its wait
+        with asyncio.wait, never with a timeout that would cancel the RPC (aiormq then closes
+        the channel, "RPC call ... cancelled", and every job running on it is requeued)."""
+        task: asyncio.Future[Any] = asyncio.ensure_future(awaitable)
+        self._background.add(task)
+
+        def done(t: asyncio.Future[Any]) -> None:
+            self._background.discard(t)
+            if not t.cancelled():
+                t.exception()  # retrieved: a failed cancel of a dead channel is no news
+
+        task.add_done_callback(done)
+        return task
+
+    async def _keep_tag(self, consumer: _Consumer, tag: str) -> None:
+        """Store a new consumer tag, unless a pause or stop came meanwhile: then cancel it."""
+        if self._started and not self._paused:
+            consumer.tag = tag
+            self._by_tag[tag] = consumer
+            return
+        await asyncio.wait(
+            {self._in_background(consumer.queue.cancel(tag))},
+            timeout=self.settings.heartbeat.interval_s,
+        )
 
     # -- heartbeats ----------------------------------------------------------------------
 
@@ -627,6 +812,9 @@ class Worker:
                 )
 
     async def _heartbeat_loop(self) -> None:
+        # Heartbeats only: the consumer watch runs in a task of its own, so a slow passive
+        # declare or re-subscribe never delays a beat (a late beat gets a healthy worker
+        # evicted).
         interval = self.settings.heartbeat.interval_s
         stuck_exit = self.settings.worker.stuck_exit_s
         while True:
@@ -634,57 +822,112 @@ class Worker:
             if stuck_exit is not None and self.oldest_job_age_s() > stuck_exit:
                 await self._exit_stuck(stuck_exit)
                 return
-            if not await self._watch_consumers():
-                return
             await self._send_heartbeat()
 
-    async def _consuming(self) -> set[str] | None:
-        """Consumer tags live on the job channel now; None when that cannot be told (the
-        connection is being re-established: aio-pika restores everything after)."""
-        channel, connection = self._channel, self._connection
-        if channel is None or connection is None or connection.is_closed:
-            return None
-        if channel.is_closed:
-            return set()
-        try:
-            async with asyncio.timeout(self.settings.heartbeat.interval_s):
-                underlay = await channel.get_underlay_channel()
-        except (TimeoutError, *_TRANSPORT_ERRORS):
-            return None
-        if underlay.is_closed:
-            return set()
-        # aiormq drops a consumer from this map when the broker cancels it (queue deleted).
-        consumers: Mapping[str, Any] = getattr(underlay, "consumers", {})
-        live = set(consumers)
-        delivered = self._deliveries != self._deliveries_seen
-        self._deliveries_seen = self._deliveries
-        self._phantoms = set()
-        for consumer in self._consumers:
-            if consumer.tag in live and not await self._queue_serves_us(consumer, delivered):
-                live.discard(consumer.tag)
-                self._phantoms.add(consumer.tag)
-        return live
+    async def _watch_loop(self) -> None:
+        interval = self.settings.heartbeat.interval_s
+        while self._started:
+            await asyncio.sleep(interval)
+            if not self._started:
+                return
+            self._watching = True
+            try:
+                if not await self._watch_consumers():
+                    return
+            finally:
+                self._watching = False
 
-    async def _queue_serves_us(self, consumer: _Consumer, delivered: bool) -> bool:
-        """Does the broker's queue agree that we consume it? RabbitMQ 3.10 sends no cancel when
-        a quorum queue is deleted and at once declared again: the channel keeps a consumer the
-        new queue does not know. The queue then shows no consumer, or jobs left ready while
-        this worker, with prefetch to spare, got no delivery since the last look (a live
-        consumer with credit would have had them)."""
+    async def _stop_watch(self) -> None:
+        """End the consumer watch. Cancelled only between two looks: one cancelled inside an
+        RPC of a job channel would make aiormq close that channel (its jobs requeued); a look
+        under way ends by itself (it sees the stop after each await), within a bound."""
+        task = self._watch_task
+        if task is None:
+            return
+        if self._watching:
+            await asyncio.wait({task}, timeout=2 * self.settings.heartbeat.interval_s)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _consuming(self) -> dict[_Consumer, str] | None:
+        """Each consumer's look now: "ok", "missing" (its channel or tag is gone, or the queue
+        does not serve it), "phantom" (the queue counts it but it holds jobs it never
+        delivers: only closing its channel returns them) or "idle" (a quiet channel due for
+        replacement, see :class:`IdleRecycle`). None when that cannot be told: the connection
+        is down or being re-established, or a channel is being restored (aio-pika restores
+        channels and consumers after; a robust connection says ``is_closed`` False meanwhile,
+        ``connected`` tells)."""
+        connection = self._connection
+        if connection is None or connection.is_closed or not connection.connected.is_set():
+            return None
+        looks: dict[_Consumer, str] = {}
+        now = time.monotonic()
+        for consumer in self._consumers:
+            if not consumer.tag:
+                continue
+            channel = consumer.channel
+            if channel.is_closed:
+                looks[consumer] = "missing"
+                continue
+            try:
+                # Waits while aio-pika restores the channel: a wait on an event, no RPC.
+                async with asyncio.timeout(self.settings.heartbeat.interval_s):
+                    underlay = await channel.get_underlay_channel()
+            except (TimeoutError, *_TRANSPORT_ERRORS):
+                return None
+            if not connection.connected.is_set():
+                return None
+            if underlay.is_closed:
+                looks[consumer] = "missing"
+                continue
+            # aiormq drops a consumer from this map when the broker cancels it (queue deleted).
+            if consumer.tag not in getattr(underlay, "consumers", {}):
+                looks[consumer] = "missing"
+                continue
+            delivered = consumer.deliveries != consumer.seen
+            consumer.seen = consumer.deliveries
+            unsettled = self._acks.unsettled(underlay)
+            if delivered:
+                consumer.looks = 0
+            else:
+                consumer.looks += 1
+            look = "ok"
+            # A passive declare per model every few looks, and at every look once the model
+            # is missing: one round trip per model and worker, kept off a big fleet's broker.
+            if consumer.looks >= _PROBE_EVERY or (
+                consumer.model in self.resubscribe.missing and not delivered
+            ):
+                consumer.looks = 0
+                look = await self._queue_look(consumer, unsettled)
+            if look == "ok" and self.idle_recycle.observe(
+                consumer.model, delivered, unsettled, now
+            ):
+                look = "idle"
+            looks[consumer] = look
+        return looks
+
+    async def _queue_look(self, consumer: _Consumer, unsettled: int) -> str:
+        """What the broker's queue says of ``consumer``, which got no delivery since the last
+        look: "missing" (the queue is gone or has no consumer), "phantom" (jobs ready while
+        this consumer, with credit to spare, got none: a live consumer with credit would have
+        had them) or "ok". It cannot see a phantom that holds all the jobs (none ready): the
+        broker counts a phantom as a consumer; :class:`IdleRecycle` covers that."""
         try:
+            # A plain channel, and no job channel: a robust one answers a passive declare from
+            # its cache, and a timed-out RPC must never close a channel holding jobs.
             async with asyncio.timeout(self.settings.heartbeat.interval_s):
                 probe = await self._probe_channel()
-                # A plain channel: a robust one answers a passive declare from its cache.
                 declared = await probe.declare_queue(consumer.queue.name, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
-            return False  # the queue is gone
+            return "missing"  # the queue is gone
         except Exception:
-            return True  # cannot tell now (an outage): aio-pika's recovery covers that
+            return "ok"  # cannot tell now (an outage): aio-pika's recovery covers that
         result = declared.declaration_result
         if not result.consumer_count:
-            return False
-        spare = len(self._tasks) < max(self.concurrency, self.settings.worker.prefetch)
-        return delivered or not (result.message_count and spare)
+            return "missing"
+        spare = unsettled < max(self.concurrency, self.settings.worker.prefetch)
+        return "phantom" if result.message_count and spare else "ok"
 
     async def _probe_channel(self) -> AbstractChannel:
         if self._probe is not None and not self._probe.is_closed:
@@ -695,61 +938,111 @@ class Worker:
         return self._probe
 
     async def _watch_consumers(self) -> bool:
-        """Re-subscribe model queues that lost their consumer; False once it gave up (the
-        worker then exits)."""
+        """Re-subscribe model queues that lost their consumer, replace the channels of phantom
+        and idle ones; False once it gave up (the worker then exits)."""
         if not self._started or self._paused:
             return True
-        live = await self._consuming()
-        if live is None:
+        looks = await self._consuming()
+        if looks is None:
+            # An outage is aio-pika's to recover: it counts toward no give-up, and the watch
+            # starts afresh once the connection is back.
+            for model in self.resubscribe.missing:
+                self.resubscribe.forget(model)
             return True
         now = time.monotonic()
-        due: list[_Consumer] = []
-        for consumer in self._consumers:
-            if not consumer.tag:
-                continue
-            action = self.resubscribe.observe(consumer.model, consumer.tag in live, now)
+        due: list[tuple[_Consumer, str]] = []
+        for consumer, look in looks.items():
+            action = self.resubscribe.observe(consumer.model, look in ("ok", "idle"), now)
             if action == ResubscribePolicy.GIVE_UP:
                 await self._exit_unconsumed(consumer.model)
                 return False
-            if action == ResubscribePolicy.RETRY:
-                due.append(consumer)
-        if due:
-            if self._time_to_log("resubscribe"):
-                log.warning(
-                    "worker %s: nothing consumes %s for this worker any more (queue deleted or "
-                    "channel closed); subscribing again (logged at most once a minute)",
-                    self.worker_id,
-                    ", ".join(self.names.model_queue(c.model) for c in due),
-                )
+            if look == "idle" or action == ResubscribePolicy.RETRY:
+                due.append((consumer, look))
+        lost = [c for c, look in due if look != "idle"]
+        if lost and self._time_to_log("resubscribe"):
+            log.warning(
+                "worker %s: nothing consumes %s for this worker any more (queue deleted or "
+                "channel closed); subscribing again (logged at most once a minute)",
+                self.worker_id,
+                ", ".join(self.names.model_queue(c.model) for c in lost),
+            )
+        for consumer, look in due:
             try:
-                async with asyncio.timeout(self.settings.heartbeat.interval_s * 4):
-                    await self._resubscribe(due)
+                await self._resubscribe(consumer, look)
             except Exception as exc:
                 log.info("worker %s: subscribing again failed: %s", self.worker_id, exc)
         return True
 
-    async def _resubscribe(self, consumers: list[_Consumer]) -> None:
-        """Consume these queues again (re-declared, with the same arguments as ever). If the
-        job channel itself is closed and aio-pika has not reopened it, a new channel replaces
-        it for every consumer."""
-        assert self._channel is not None
-        # A consumer the channel has but the queue does not serve holds the jobs the queue gave
-        # it (unacked, never delivered): only closing its channel returns them.
-        replaced = self._channel.is_closed or any(c.tag in self._phantoms for c in consumers)
-        if replaced:
-            old, self._channel = self._channel, await self._job_channel()
-            with contextlib.suppress(Exception):
-                await old.close()  # stops aio-pika's own attempts to restore it
-            consumers = [c for c in self._consumers if c.tag]
-        for consumer in consumers:
-            if not replaced:
-                # Forget the old tag so aio-pika's own recovery adds no second consumer.
-                with contextlib.suppress(Exception):
-                    await consumer.queue.cancel(consumer.tag)
-            queue = await self.topology.declare_model_queue(self._channel, consumer.model)
-            consumer.tag = await queue.consume(self._on_message)
-            consumer.queue = queue
-            log.info("worker %s consumes %s again", self.worker_id, queue.name)
+    async def _resubscribe(self, consumer: _Consumer, why: str) -> None:
+        """Consume ``consumer``'s queue again (re-declared, with the same arguments as ever).
+
+        ``why`` is the watch's look. "phantom", or a closed channel: on a new channel of its
+        own, the old one closed after (which returns what a phantom held; only this model's
+        jobs run on it). "idle": the old consumer is cancelled first, so no job can reach the
+        old channel while it closes; if one arrived meanwhile (a live consumer after all) the
+        queue is consumed again on the same channel instead. Otherwise ("missing") on the same
+        channel, the old tag cancelled first so aio-pika's own recovery adds no second one.
+
+        No RPC here is bounded by a timeout (a cancelled RPC closes its job channel): a
+        broker that does not answer holds this watch, not the heartbeats, and the worker
+        gives up after ``resubscribe.give_up_s`` at the latest once it answers again. Pause and
+        stop take the same lock; after each await the state is checked again."""
+        async with self._subscribing:
+            if not self._started or self._paused or not consumer.tag:
+                return
+            old_tag, old_channel = consumer.tag, consumer.channel
+            bound = self.settings.heartbeat.interval_s
+            cancelled = False
+            replace = why in ("phantom", "idle") or old_channel.is_closed
+            if replace:
+                channel = await self._job_channel()
+                # Declared once on a fresh channel: tracked, so aio-pika restores the consumer
+                # after a reconnect.
+                queue = await self.topology.declare_model_queue(channel, consumer.model)
+            if why == "idle" and not old_channel.is_closed:
+                # The new channel is ready first: the queue goes without a consumer for the
+                # cancel and the consume only.
+                await asyncio.wait(
+                    {self._in_background(consumer.queue.cancel(old_tag))}, timeout=bound
+                )
+                cancelled = True
+                if await self._unsettled_on(consumer) != 0:  # a job came: keep the channel
+                    self._in_background(channel.close())
+                    replace = False
+            if not replace:
+                channel = old_channel
+                if not cancelled:
+                    await asyncio.wait(
+                        {self._in_background(consumer.queue.cancel(old_tag))}, timeout=bound
+                    )
+                # Untracked: a robust channel would keep (and restore) one queue object per
+                # re-declare.
+                queue = await self.topology.declare_model_queue(
+                    channel, consumer.model, track=False
+                )
+            if not self._started or self._paused:
+                if replace:
+                    self._in_background(channel.close())
+                return
+            tag = await queue.consume(self._on_message)
+            self._by_tag.pop(old_tag, None)
+            consumer.queue, consumer.channel = queue, channel
+            consumer.deliveries = consumer.seen = consumer.looks = 0
+            consumer.tag = ""
+            await self._keep_tag(consumer, tag)
+            self.idle_recycle.forget(consumer.model)
+            if replace:
+                # Stops aio-pika's own attempts to restore it; a phantom's jobs go back.
+                self._in_background(old_channel.close())
+            # An idle queue's channel is renewed every minute or so: not worth a log line.
+            log.log(
+                logging.DEBUG if why == "idle" else logging.INFO,
+                "worker %s consumes %s again (%s)%s",
+                self.worker_id,
+                queue.name,
+                why,
+                " on a new channel" if replace else "",
+            )
 
     async def _exit_unconsumed(self, model: str) -> None:
         log.error(
@@ -783,26 +1076,33 @@ class Worker:
     # -- jobs ----------------------------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._deliveries += 1  # the consumer watch: a consumer that gets jobs is alive
+        # The consumer watch: a consumer that gets jobs is alive (per consumer, so one model's
+        # traffic never vouches for another's).
+        consumer = self._by_tag.get(message.consumer_tag or "")
+        if consumer is not None:
+            consumer.deliveries += 1
         if message.delivery_tag is not None:
             self._acks.delivered(message.channel, message.delivery_tag)
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
         began = False
+        handback: asyncio.Future[None] | None = None
         try:
             async with self._slots:
                 if not self._started or self._paused:
                     # Stopping or paused: the job never started; another worker runs it.
-                    await self._hand_back(message)
+                    handback = self._hand_back(message)
+                    await asyncio.shield(handback)
                     return
                 began = True
                 await self._process(message)
         except asyncio.CancelledError:
-            if _channel_of(message) is None:
+            if _channel_of(message) is None or handback is not None:
                 # aiormq cancels the consumer tasks of a channel that closed: the broker has
                 # requeued the job with it, nothing is left to settle (the batcher forgets
-                # closed channels itself).
+                # closed channels itself). A hand-back under way settles the job itself: a
+                # second one would run the job twice.
                 raise
             # Stop grace ran out: give the job back so another worker runs it. One that ran
             # is returned to the broker (which counts the delivery); one that only waited for
@@ -811,7 +1111,7 @@ class Worker:
                 self.counters["requeued"] += 1
                 await self._settle(message, requeue=True)
             else:
-                await self._hand_back(message)
+                await asyncio.shield(self._hand_back(message))
             raise
         finally:
             if task is not None:
@@ -825,32 +1125,31 @@ class Worker:
             return self.names.model_queue(key)
         if key in self._queue_names:
             return key
-        for consumer in self._consumers:
-            if consumer.tag and consumer.tag == message.consumer_tag:
-                return consumer.queue.name
-        return None
+        consumer = self._by_tag.get(message.consumer_tag or "")
+        return consumer.queue.name if consumer is not None else None
 
-    async def _hand_back(self, message: AbstractIncomingMessage) -> None:
+    def _hand_back(self, message: AbstractIncomingMessage) -> asyncio.Future[None]:
         """Return a job that never started without spending its delivery limit.
 
         A nack with requeue counts as a delivery on a quorum queue (x-delivery-limit), so a
         rolling restart would dead-letter jobs that never ran. Instead the job is republished
         to its model queue (confirmed, same body and properties, expiring when the producer's
         deadline passes, no delivery count) and the original acked; if that fails, it is
-        nacked as before. The republish is shielded: a stop that cancels this task while it
-        waits for the confirm must not also requeue the original.
+        nacked as before. Returns the hand-back's task, which the caller awaits shielded: a
+        stop that cancels the caller while it waits for the confirm must neither requeue the
+        original nor hand it back again.
         """
-        self.counters["requeued"] += 1
         task = asyncio.ensure_future(self._republish_and_settle(message))
         self._handbacks.add(task)
         task.add_done_callback(self._handbacks.discard)
-        await asyncio.shield(task)
+        return task
 
     async def _republish_and_settle(self, message: AbstractIncomingMessage) -> None:
         if await self._republish(message):
             self.counters["handed_back"] += 1
             await self._settle(message)
         else:
+            self.counters["requeued"] += 1
             await self._settle(message, requeue=True)
 
     async def _republish(self, message: AbstractIncomingMessage) -> bool:

@@ -228,3 +228,63 @@ async def test_the_channels_of_closed_connections_are_forgotten(ns: Namespace) -
         assert batcher.acked == 1
     finally:
         await live.close()
+
+
+async def test_a_nack_cancelled_before_its_frame_is_queued_leaves_the_job_unsettled(
+    ns: Namespace,
+) -> None:
+    """A hand-back's nack waits for room in aiormq's write queue (10 frames) and is cancelled
+    there (a stop's grace ran out): no frame was sent, so the job must stay unsettled. The acks
+    of the jobs that finished meanwhile must not cover it, the nack sent again must reach the
+    broker (job 0 comes back), and a third settlement of it must send nothing (a second frame
+    for one tag is "unknown delivery tag", which closes the channel).
+
+    The held nack stands in for the full write queue: aiormq's ``basic_nack(wait=False)`` has
+    no other await, so one cancelled there has queued nothing. Filling the real queue from a
+    test cannot be timed: its writer drains it in the same loop turn."""
+    settings = ns.settings()
+    model = ns.model("acks")
+    connection = await aio_pika.connect(ns.amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=3)
+        queue = await Topology(ns.names, settings.routing, settings.heartbeat).declare_model_queue(
+            channel, model
+        )
+        for i in range(3):
+            await channel.default_exchange.publish(
+                aio_pika.Message(str(i).encode()), routing_key=queue.name
+            )
+        got: list[AbstractIncomingMessage] = []
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            got.append(message)
+
+        await queue.consume(on_message)
+        await wait_for(lambda: len(got) == 3, what="3 deliveries")
+        gated = _Gated(got[0].channel, "nack")
+        batcher = AckBatcher()
+        tags = [m.delivery_tag or 0 for m in got]
+        for tag in tags:
+            batcher.delivered(gated, tag)
+
+        handing_back = asyncio.create_task(batcher.nack(gated, tags[0]))
+        await gated.reached.wait()
+        handing_back.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handing_back
+        batcher.ack(gated, tags[1])
+        batcher.ack(gated, tags[2])
+        await batcher.flush(drain=True)
+        assert batcher.acked == 2
+        gated.gate.set()
+        await batcher.nack(gated, tags[0])  # the cancel path hands it back again
+        await batcher.nack(gated, tags[0])  # settled: sends nothing
+        await batcher.aclose()
+
+        await wait_for(lambda: len(got) == 4, what="job 0 delivered again")
+        assert got[3].body == b"0"
+        assert got[3].redelivered
+        assert not got[0].channel.is_closed
+    finally:
+        await connection.close()

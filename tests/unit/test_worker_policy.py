@@ -4,7 +4,7 @@ that lost a consumer subscribes again or gives up."""
 from __future__ import annotations
 
 from modelfleet.topology import DEADLINE_HEADER
-from modelfleet.worker import ResubscribePolicy, handback_expiration, handback_headers
+from modelfleet.worker import IdleRecycle, ResubscribePolicy, handback_expiration, handback_headers
 
 NOW = 1_700_000_000.0
 
@@ -78,3 +78,48 @@ def test_models_are_watched_apart_and_forget_stops_the_watch() -> None:
     policy.forget("a")  # paused: no consumer is expected
     assert policy.missing == frozenset()
     assert policy.observe("a", False, 50.0) == ResubscribePolicy.WAIT  # a new grace
+
+
+# -- IdleRecycle: when a quiet model queue's channel is renewed (phantom consumers) -------------
+
+
+def test_a_quiet_channel_is_renewed_after_the_wait_and_the_wait_doubles() -> None:
+    idle = IdleRecycle(after_s=1.0, max_after_s=3.0)
+    assert not idle.observe("m", delivered=False, unsettled=0, now=0.0)
+    assert not idle.observe("m", delivered=False, unsettled=0, now=0.9)
+    assert idle.observe("m", delivered=False, unsettled=0, now=1.0)
+    # Still quiet after a renewal: 2 s, then at most 3 s (max_after_s).
+    assert not idle.observe("m", delivered=False, unsettled=0, now=2.9)
+    assert idle.observe("m", delivered=False, unsettled=0, now=3.0)
+    assert not idle.observe("m", delivered=False, unsettled=0, now=5.9)
+    assert idle.observe("m", delivered=False, unsettled=0, now=6.0)
+    assert idle.observe("m", delivered=False, unsettled=0, now=9.0)
+
+
+def test_a_delivery_resets_the_wait() -> None:
+    idle = IdleRecycle(after_s=1.0, max_after_s=8.0)
+    idle.observe("m", delivered=False, unsettled=0, now=0.0)
+    assert idle.observe("m", delivered=False, unsettled=0, now=1.0)  # next wait: 2 s
+    assert not idle.observe("m", delivered=True, unsettled=0, now=1.5)
+    assert not idle.observe("m", delivered=False, unsettled=0, now=2.4)
+    assert idle.observe("m", delivered=False, unsettled=0, now=2.5)  # 1 s again
+
+
+def test_a_channel_with_unsettled_jobs_is_never_renewed() -> None:
+    idle = IdleRecycle(after_s=1.0, max_after_s=8.0)
+    idle.observe("m", delivered=False, unsettled=0, now=0.0)
+    assert not idle.observe("m", delivered=False, unsettled=2, now=5.0)
+    # Its jobs settled: quiet counts from the last look that had some.
+    assert not idle.observe("m", delivered=False, unsettled=0, now=5.5)
+    assert idle.observe("m", delivered=False, unsettled=0, now=6.0)
+
+
+def test_models_are_renewed_apart_and_forget_restarts_the_count() -> None:
+    idle = IdleRecycle(after_s=1.0, max_after_s=8.0)
+    idle.observe("a", delivered=False, unsettled=0, now=0.0)
+    idle.observe("b", delivered=False, unsettled=0, now=0.5)
+    assert idle.observe("a", delivered=False, unsettled=0, now=1.0)
+    assert not idle.observe("b", delivered=False, unsettled=0, now=1.0)
+    idle.forget("b")
+    assert not idle.observe("b", delivered=False, unsettled=0, now=1.5)
+    assert idle.observe("b", delivered=False, unsettled=0, now=2.5)
