@@ -35,19 +35,8 @@ so a supervisor restarts the process. Each round has a deadline (``ROUND_TIMEOUT
 Channels set up and then abandoned (a refused declare, a re-route's bind) are closed for good,
 also when aio-pika is restoring them right then (:meth:`Controller._discard`).
 
-Below aio-pika's public API (each covered by tests/integration/test_controller_recovery.py):
-
-* the heartbeat consumer is a raw aiormq consumer on the heartbeat channel's underlay channel
-  (hot path); it watches ``on_consumer_cancel_callbacks`` of that underlay channel and the robust
-  channel's ``reopen_callbacks`` — covered by the heartbeat-queue-deleted and channel-error tests,
-  and by the silent-connection test (aiormq drops the connection, every loop survives);
-* queue counts are read with aiormq ``queue_declare(passive=True)`` on the stats channel's
-  underlay channel (a robust channel caches passive declares) — covered by the queue-depth test;
-* "connected" is read from ``connection.connected`` and ``connection.transport.connection``
-  (aiormq), since ``is_closed`` stays False while a robust connection reconnects — covered by
-  the silent-connection test and tests/process/test_controller_process_recovery.py;
-* an abandoned robust channel is closed again from its ``reopen_callbacks`` if aio-pika's own
-  restore reopens it — covered by the base-topology channel-leak test.
+Where this module goes below aio-pika's public API, and the tests that cover it, is listed
+in :mod:`modelfleet.connections`.
 
 >>> controller = Controller(settings)
 >>> await controller.run()   # until SIGTERM/SIGINT

@@ -18,7 +18,8 @@ a frame written after the CloseOk reaches a channel the broker has closed, and t
 closes the whole connection (504 CHANNEL_ERROR, expected 'channel.open'), failing every job,
 reply and ack on it. Under load that is the rule, not the exception: publishes wait for room in
 the connection's bounded write queue (holding the channel's lock) and are queued after the
-CloseOk. Two guards, both at this edge and both below aio-pika's public API:
+CloseOk. Two guards, both at this edge and both below aio-pika's public API (listed with
+the others in :mod:`modelfleet.connections`):
 
 * :func:`publish_on` refuses a channel that started closing (:func:`closing`) with
   :class:`aiormq.exceptions.ChannelInvalidStateError`, which callers treat as "channel down,

@@ -38,22 +38,8 @@ job channel is ever cancelled by a timeout (aiormq would close the channel and r
 Known window: a hand-back (republish, then ack) under way when its job channel closes leaves
 the republished copy and the broker's own requeue of the original: that job runs twice.
 
-Below aio-pika's public API (each with the test that covers its failure modes):
-
-* ``underlay.consumers`` (aiormq ``Channel.consumers``): tells a consumer the broker cancelled —
-  ``test_worker_recovery::test_a_model_queue_deleted_under_the_worker_is_consumed_again``;
-* ``aio_pika.Channel(connection)`` + ``initialize()`` for the heartbeat and probe channels (plain
-  channels: no cached passive declare, no restore that waits for a missing exchange) —
-  ``test_worker_recovery::test_a_refused_heartbeat_leaves_the_running_job_alone``,
-  ``test_worker_races::test_a_phantom_consumer_holding_a_small_burst_is_found``;
-* ``connection.connected`` (an attribute of aio-pika's ``Connection``, not of its abstract
-  class): an outage is not a lost consumer —
-  ``test_worker_races::test_a_network_outage_is_no_reason_to_give_up``;
-* aiormq ``Channel.basic_ack/nack/reject(wait=False)`` through :mod:`modelfleet.acks` (a call
-  that returns has queued its frame) — ``test_acks::test_a_multiple_ack_never_overtakes_a_nack``,
-  ``test_acks::test_a_nack_cancelled_before_its_frame_is_queued_leaves_the_job_unsettled``;
-* :func:`modelfleet.publishing.publish_on` on the delivery's aiormq channel (see there) —
-  ``test_worker_recovery::test_a_stream_whose_channel_dies_is_redelivered_not_failed``.
+Where this module goes below aio-pika's public API, and the tests that cover it, is listed
+in :mod:`modelfleet.connections`.
 """
 
 from __future__ import annotations
