@@ -365,6 +365,23 @@ class JobCanceller:
         self.listening = True
         return True
 
+    async def rebind(self, connection: AbstractConnection, topology: Topology) -> None:
+        """Bind this worker's control queue again (idempotent): a ``{ns}.control`` deleted and
+        declared again has lost the binding, and cancels would no longer arrive. On a channel
+        of its own, so a refusal (the exchange missing right now) closes nothing else."""
+        if not self.listening:
+            return
+        channel = aio_pika.Channel(connection, publisher_confirms=False)
+        await channel.initialize()
+        try:
+            queue = await channel.get_queue(
+                topology.names.control_queue(self.instance), ensure=False
+            )
+            await queue.bind(topology.names.control)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
         parsed = parse_cancel(message.body)
         if parsed is None:

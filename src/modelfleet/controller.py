@@ -1185,6 +1185,8 @@ class Controller:
             return
         try:
             await self.topology.declare_base(channel, track=False)
+            # Bindings die with their exchange: re-bind the dead-letter tap too.
+            await self.topology.declare_dead_tap(channel, self.instance, track=False)
         except Exception as exc:
             self._warn("base", "cannot declare the base topology (%s); retrying", exc)
             return

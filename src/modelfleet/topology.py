@@ -297,14 +297,19 @@ class Topology:
         await queue.bind(self.names.heartbeats)
         return queue
 
-    async def declare_dead_tap(self, channel: AbstractChannel, instance: str) -> AbstractQueue:
+    async def declare_dead_tap(
+        self, channel: AbstractChannel, instance: str, *, track: bool = True
+    ) -> AbstractQueue:
         """A controller's own copy of every dead letter, to count them; the error queue itself
-        is left for people and tools. Short TTL and a cap: counting must never build a backlog."""
+        is left for people and tools. Short TTL and a cap: counting must never build a backlog.
+        Declared again (``track=False``) when the base topology is healed: a ``{ns}.dead``
+        deleted and declared again has lost the tap's binding."""
         queue = await channel.declare_queue(
             self.names.dead_tap(instance),
             durable=False,
             auto_delete=True,
             arguments=controller_queue_arguments(self.heartbeat),
+            **_untracked(channel, track),
         )
         await queue.bind(self.names.dead)
         return queue

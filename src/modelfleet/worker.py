@@ -113,6 +113,9 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Job], Any]
 
 _STREAM_END = object()
+# The consumer watch binds the control queue again every this many looks (heartbeat
+# intervals): bindings die with their exchange, and a lost one would drop cancels silently.
+REBIND_CONTROL_EVERY = 10
 # Set-up attempts when the broker closes the connection during it (see Worker.start).
 _START_ATTEMPTS = 5
 # Dead-letter reason of a job whose handler raised a JobError with this code.
@@ -812,6 +815,7 @@ class Worker:
 
     async def _watch_loop(self) -> None:
         interval = self.settings.heartbeat.interval_s
+        looks = 0
         while self._started:
             await asyncio.sleep(interval)
             if not self._started:
@@ -820,8 +824,28 @@ class Worker:
             try:
                 if not await self._watch_consumers():
                     return
+                looks += 1
+                if looks % REBIND_CONTROL_EVERY == 0:
+                    await self._rebind_control()
             finally:
                 self._watching = False
+
+    async def _rebind_control(self) -> None:
+        """Bind the control queue again: a ``{ns}.control`` deleted and declared again has lost
+        the binding, and this worker would miss every cancel without a word."""
+        connection = self._connection
+        if connection is None or not connection.connected.is_set():
+            return
+        try:
+            await self.cancels.rebind(connection, self.topology)
+        except Exception as exc:
+            if self._time_to_log("control_rebind"):
+                log.warning(
+                    "worker %s: cannot bind its control queue again (%s); cancels may not "
+                    "arrive (logged at most once a minute)",
+                    self.worker_id,
+                    exc or type(exc).__name__,
+                )
 
     async def _stop_watch(self) -> None:
         """End the consumer watch. Cancelled only between two looks: one cancelled inside an

@@ -347,3 +347,39 @@ async def test_only_the_producer_of_a_job_can_cancel_it(ns: Namespace, amqp_url:
             await second
         await wait_for(lambda: handler.cancelled == [handler.started[1]], timeout=5, what="stop")
         assert handler.finished == [job_id]
+
+
+async def test_cancels_reach_the_worker_again_after_the_control_exchange_comes_back(
+    ns: Namespace, amqp_url: str
+) -> None:
+    """Bindings die with their exchange: {ns}.control deleted and declared again leaves every
+    worker's control queue unbound, and cancels would be dropped without a word. The worker
+    binds it again within REBIND_CONTROL_EVERY heartbeat intervals."""
+    model = ns.model()
+    handler = Holding()
+    settings = ns.settings(heartbeat={"interval_s": 0.2, "timeout_s": 1.0})
+    async with AsyncExitStack() as stack:
+        running = await stack.enter_async_context(worker(handler, model, settings, "w1"))
+        owner = await stack.enter_async_context(Client(settings))
+        connection = await stack.enter_async_context(broker(amqp_url))
+        channel = await connection.channel()
+        await Topology(ns.names).bind_model(channel, model)
+        await wait_for(lambda: running.cancels.listening, what="the worker's control queue")
+        await channel.exchange_delete(ns.names.control)
+        control = await Topology(ns.names).declare_control(channel)
+
+        # A forged cancel is counted as refused once it arrives: proof the binding is back.
+        forged = cancel_body("f" * 32, time.time() + 60, key="0" * 32)
+
+        async def bound_again() -> bool:
+            await control.publish(json_message(forged, type="cancel"), routing_key="")
+            await asyncio.sleep(0.1)
+            return running.cancels.refused > 0
+
+        await wait_for(bound_again, timeout=10, what="the control queue bound again")
+        job = asyncio.create_task(owner.submit(model, "late", timeout=20))
+        await wait_for(lambda: len(handler.started) == 1, timeout=5, what="the job running")
+        await owner.cancel(handler.started[0])
+        with pytest.raises(JobCancelledError):
+            await job
+        await wait_for(lambda: handler.cancelled == handler.started, timeout=5, what="stop")

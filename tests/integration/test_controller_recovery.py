@@ -478,6 +478,32 @@ async def test_the_dead_letter_tap_comes_back_after_its_queue_is_deleted(
         assert await queue_exists(connection, ns.names.dead_tap(controller.instance))
 
 
+async def test_the_dead_letter_tap_is_bound_again_after_the_dead_exchange_comes_back(
+    ns: Namespace, amqp_url: str
+) -> None:
+    """Bindings die with their exchange: {ns}.dead deleted and declared again leaves the tap
+    queue unbound, and dead letters would go uncounted for good unless the controller re-binds
+    it when it heals the base topology."""
+    settings = ns.settings(routing={"stats_interval_s": 0.1})
+    async with AsyncExitStack() as stack:
+        controller = await stack.enter_async_context(Controller(settings))
+        connection = await stack.enter_async_context(broker(amqp_url))
+        channel = await connection.channel()
+        await channel.exchange_delete(ns.names.dead)
+        dead = await channel.declare_exchange(
+            ns.names.dead, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        labels = {"model": "other", "reason": "expired"}
+
+        async def counted_again() -> bool:
+            headers = {"x-mf-reason": "expired"}
+            await dead.publish(aio_pika.Message(b"{}", headers=headers), routing_key="x")
+            await asyncio.sleep(0.2)
+            return metric(controller, "modelfleet_dead_letters_total", labels) > 0
+
+        await wait_for(counted_again, timeout=10, what="dead letters counted again")
+
+
 # --- round 2: loops that survive a dropped connection; bounded side effects ---------------------
 
 
