@@ -1,10 +1,15 @@
-"""The chaos soak at CI size (`make chaos` runs 5,000 jobs): nothing lost, nobody overdue."""
+"""The chaos soak at CI size (`make chaos` runs 5,000 jobs): every fault class once, nothing lost,
+nobody overdue, no stream spliced, no false failure, every component serving again.
+
+The soak restarts the broker of ``amqp_url`` (MODELFLEET_TEST_AMQP_URL): rabbitmqctl reaches it
+as $CHAOS_NODE, else as rabbitmqctl's default node (CI's single broker); the soak
+refuses to run when that node does not listen on the URL's port."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.chaos.soak import run_soak
+from tests.chaos.soak import FAULT_CLASSES, run_soak
 
 pytestmark = [pytest.mark.process, pytest.mark.chaos, pytest.mark.timeout(300)]
 
@@ -17,9 +22,12 @@ async def test_chaos_soak_accounts_for_every_job(
         print("\n" + ledger.render())
     assert ledger.lost == []
     assert ledger.overdue == []
-    assert ledger.wrong_answers == 0
+    assert ledger.wrong_answers == []
     assert not [k for k in ledger.failed if k.startswith(("EXC", "MISSING"))], ledger.failed
-    assert "broker restart (stop_app/start_app)" in ledger.faults
-    assert len(ledger.faults) == 8
+    assert ledger.spliced == []
+    assert ledger.false_failures == []
+    assert ledger.never_recovered == {}
+    assert ledger.fault_checks == []
+    assert [name for name in FAULT_CLASSES if not ledger.classes[name]] == []
     # Faults cost some jobs a clear error; most are still answered.
     assert ledger.answered >= ledger.submitted * 0.7
