@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from modelfleet.config import settings_from_mapping
 from modelfleet.controller import Controller
+from modelfleet.metrics import HEARTBEAT_INVALID_CAUSES
 from modelfleet.registry import Observation
 from tests.fuzz.strategies import (
     deep_bodies,
@@ -39,7 +40,9 @@ from tests.fuzz.strategies import (
 )
 
 # "user" (a sender not in security.heartbeat_users) is checked before handle_heartbeat.
-CAUSES = frozenset({"too_large", "not_json", "version", "schema", "models_cap", "user"})
+# Every cause the controller may count: a small fixed set (exported at 0 from the start).
+CAUSES = frozenset({"too_large", "not_json", "version", "schema", "models_cap", "user", "clock"})
+assert frozenset(HEARTBEAT_INVALID_CAUSES) == CAUSES
 MAX_MODELS = 6
 # A heartbeat waits at most heartbeat.queue_ttl_s in the controller's queue; anything near an
 # hour is a skewed clock, not a lag, and must not reach the histogram.

@@ -45,7 +45,9 @@ from modelfleet.worker import Worker, _Failure
 from tests.fuzz.strategies import HOSTILE_NUMBERS, dumps, hostile_values, json_values
 
 MAX_PAYLOAD = 2_048
-INVALID_CAUSES = frozenset({"too_large", "content_type", "not_json", "schema", "wrong_model"})
+INVALID_CAUSES = frozenset(
+    {"too_large", "content_type", "not_json", "schema", "wrong_model", "reply_to"}
+)
 MODELS = ("m-1", "org/m.2")
 FUZZ = settings(
     max_examples=200,
@@ -118,13 +120,17 @@ messages = st.builds(
         st.dictionaries(st.sampled_from(["x-delivery-count", "x-other"]), json_values, max_size=2),
     ),
     redelivered=st.booleans(),
+    reply_to=st.one_of(
+        st.none(), st.just("amq.rabbitmq.reply-to.g1h2AA5yZXBseUAx.9Yx1"), st.text(max_size=40)
+    ),
 )
 
 
 @FUZZ
 @given(messages)
 @example(SimpleNamespace(body=b"{", content_type=None, routing_key="m-1", message_id="j",
-                         correlation_id=None, headers=None, redelivered=False))  # fmt: skip
+                         correlation_id=None, headers=None, redelivered=False,
+                         reply_to=None))  # fmt: skip
 def test_parse_raises_only_invalid_job(message: SimpleNamespace) -> None:
     worker = make_worker()
     try:
