@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import logging
 import os
 import socket
@@ -101,6 +102,17 @@ async def a_new_worker_registers(
 
 
 # --- A: no zombie ------------------------------------------------------------------------------
+
+
+async def announce(exchange: aio_pika.abc.AbstractExchange, worker_id: str, model: str) -> None:
+    """Heartbeats of a fake worker of ``model`` every 0.2 s, until cancelled."""
+    for seq in itertools.count(1):
+        beat = Heartbeat(
+            worker_id=worker_id, models=(model,), concurrency=1, sent_at=time.time(),
+            interval_s=0.25, seq=seq,
+        )  # fmt: skip
+        await exchange.publish(aio_pika.Message(beat.model_dump_json().encode()), "")
+        await asyncio.sleep(0.2)
 
 
 async def test_heartbeat_queue_deleted_under_the_controller_is_declared_and_consumed_again(
@@ -428,20 +440,8 @@ async def test_a_model_queue_redeclared_with_other_arguments_does_not_stop_the_c
         await channel.declare_queue(ns.names.model_queue(hostile), durable=True)  # classic
         controller = await stack.enter_async_context(Controller(settings))
         exchange = await channel.get_exchange(ns.names.heartbeats)
-        seq = 0
-
-        async def announce_hostile() -> None:  # a worker of the hostile model, heartbeats only
-            nonlocal seq
-            while True:
-                seq += 1
-                beat = Heartbeat(
-                    worker_id="fake", models=(hostile,), concurrency=1, sent_at=time.time(),
-                    interval_s=0.25, seq=seq,
-                )  # fmt: skip
-                await exchange.publish(aio_pika.Message(beat.model_dump_json().encode()), "")
-                await asyncio.sleep(0.2)
-
-        announcer = asyncio.create_task(announce_hostile())
+        # A worker of the hostile model, heartbeats only.
+        announcer = asyncio.create_task(announce(exchange, "fake", hostile))
         stack.callback(announcer.cancel)
         await wait_for(lambda: "fake" in controller.registry, what="the hostile model announced")
         await stack.enter_async_context(make_worker(settings, model, "w1"))
@@ -631,20 +631,8 @@ async def test_rerouting_a_model_whose_bind_is_refused_backs_off_and_logs_rarely
         await channel.declare_queue(ns.names.model_queue(hostile), durable=True)  # classic
         controller = await stack.enter_async_context(Controller(settings))
         exchange = await channel.get_exchange(ns.names.heartbeats)
-        seq = 0
-
-        async def announce_hostile() -> None:
-            nonlocal seq
-            while True:
-                seq += 1
-                beat = Heartbeat(
-                    worker_id="fake", models=(hostile,), concurrency=1, sent_at=time.time(),
-                    interval_s=0.25, seq=seq,
-                )  # fmt: skip
-                await exchange.publish(aio_pika.Message(beat.model_dump_json().encode()), "")
-                await asyncio.sleep(0.2)
-
-        announcer = asyncio.create_task(announce_hostile())
+        # A worker of the hostile model, heartbeats only.
+        announcer = asyncio.create_task(announce(exchange, "fake", hostile))
         stack.callback(announcer.cancel)
         await wait_for(lambda: controller.registry.serving(hostile), what="hostile model live")
         await wait_for(lambda: not controller.listen_only, what="the end of the listen window")
