@@ -150,6 +150,7 @@ class Fleet:
         self.controller: subprocess.Popen[bytes] | None = None
         self.started: list[subprocess.Popen[bytes]] = []
         self.killed: set[int] = set()  # pids SIGKILLed: their jobs may legitimately redeliver
+        self.deaths: list[float] = []  # when (monotonic) a kill or broker restart happened
         self.log_paths: dict[int, Path] = {}
         self._count = 0
 
@@ -183,6 +184,7 @@ class Fleet:
     async def kill(self, worker_id: str) -> int:
         proc = self.workers[worker_id]
         self.killed.add(proc.pid)
+        self.deaths.append(time.monotonic())
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGKILL)
         await asyncio.to_thread(proc.wait)

@@ -363,6 +363,7 @@ async def _produce(
             started = time.monotonic()
             outcome = await _run_job(client, job, pacer.take_hot(), messages)
             outcomes[job.key] = (outcome, time.monotonic() - started)
+            SPANS[job.key] = (started, time.monotonic())
 
     await asyncio.gather(*(one_lane() for _ in range(lanes)))
 
@@ -587,6 +588,7 @@ class Soak:
             client = self.clients[index % len(self.clients)]
             outcome = await _run_job(client, job, False, self.messages)
             self.outcomes[job.key] = (outcome, time.monotonic() - started)
+            SPANS[job.key] = (started, time.monotonic())
 
         await asyncio.gather(*(one(i, job) for i, job in enumerate(self.idle_jobs)))
         log.info("idle model's jobs done after %.1fs", time.monotonic() - self.started)
@@ -672,6 +674,7 @@ class Soak:
         self._note("controller-restart", f"controller restart (healthy after {figure})")
 
     async def _restart_broker(self) -> None:
+        self.fleet.deaths.append(time.monotonic())  # every held delivery goes back
         await asyncio.to_thread(self.node.ctl, "stop_app")
         self.node.app_stopped = True
         await asyncio.sleep(2.0)
@@ -759,6 +762,7 @@ class Soak:
                     code = await asyncio.to_thread(proc.wait, STOP_GRACE_S + 10)
                 except subprocess.TimeoutExpired:
                     self.fleet.killed.add(proc.pid)
+                    self.fleet.deaths.append(time.monotonic())
                     proc.kill()
                     code = await asyncio.to_thread(proc.wait)
                     self.ledger.fault_checks.append(
@@ -1035,8 +1039,15 @@ class Soak:
         killed = self.fleet.killed
 
         def died_every_time(key: str) -> bool:
+            """Every run of ``key`` died with its worker, and its life saw at least
+            delivery_limit moments that hand deliveries back (a SIGKILL, a broker restart): a
+            worker that dies holding a job it had not started yet spends one of its deliveries
+            too (README, failure behaviour), and the soak's execution logs see only runs."""
             pids = runs.get(key, [])
-            return len(pids) >= self.delivery_limit and all(pid in killed for pid in pids)
+            if not all(pid in killed for pid in pids):
+                return False
+            began, ended = SPANS.get(key, (0.0, float("inf")))
+            return deaths_between(self.fleet.deaths, began, ended) >= self.delivery_limit
 
         for job in [*self.jobs, *self.idle_jobs]:
             key = job.key
@@ -1077,6 +1088,24 @@ class Soak:
         for key, reasons in errors.items():
             if not key.startswith(("j", "s", "i")) and "worker_error" in reasons:
                 ledger.false_failures.append(f"{key}: worker_error copy in the error queue")
+
+
+# When each job was submitted and ended (monotonic), for telling a delivery_limit dead letter
+# the faults explain from a false failure.
+SPANS: dict[str, tuple[float, float]] = {}
+
+
+def deaths_between(deaths: Iterable[float], began: float, ended: float) -> int:
+    """Distinct moments in [began, ended] that handed deliveries back: kills within half a
+    second of each other (three workers killed at once) are one moment, since one job is held
+    by one worker at a time."""
+    moments = 0
+    last = float("-inf")
+    for when in sorted(deaths):
+        if began <= when <= ended and when - last > 0.5:
+            moments += 1
+            last = when
+    return moments
 
 
 def executed_runs(logs: Path) -> dict[str, list[int]]:

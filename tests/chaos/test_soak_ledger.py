@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.chaos.handlers import STREAM_CHUNKS
-from tests.chaos.soak import executed_runs, judge_stream
+from tests.chaos.soak import deaths_between, executed_runs, judge_stream
 
 
 def _chunks(key: str, nonce: str, indexes: range) -> list[dict[str, object]]:
@@ -45,3 +45,12 @@ def test_executions_are_counted_per_key_and_process(tmp_path: Path) -> None:
     assert sorted(runs["j1"]) == [101, 202]
     assert runs["s2"] == [101]
     assert "end s2" not in runs
+
+
+def test_deaths_between_counts_distinct_moments_within_a_jobs_life() -> None:
+    # Three workers killed at once are one moment: one job is held by one worker at a time.
+    deaths = [10.0, 10.1, 10.2, 20.0, 30.0, 45.0]
+    assert deaths_between(deaths, 9.0, 31.0) == 3
+    assert deaths_between(deaths, 10.5, 31.0) == 2
+    assert deaths_between(deaths, 31.0, 40.0) == 0
+    assert deaths_between([], 0.0, 100.0) == 0
