@@ -115,6 +115,22 @@ async def announce(exchange: aio_pika.abc.AbstractExchange, worker_id: str, mode
         await asyncio.sleep(0.2)
 
 
+async def dead_letters_counted_again(
+    controller: Controller, dead: aio_pika.abc.AbstractExchange
+) -> None:
+    """Dead-letter through ``dead`` until the controller's tap counts one (while the tap is
+    unbound or gone, its copies are lost, so one publish is not enough)."""
+    labels = {"model": "other", "reason": "expired"}
+
+    async def counted() -> bool:
+        headers = {"x-mf-reason": "expired"}
+        await dead.publish(aio_pika.Message(b"{}", headers=headers), routing_key="x")
+        await asyncio.sleep(0.2)
+        return metric(controller, "modelfleet_dead_letters_total", labels) > 0
+
+    await wait_for(counted, timeout=10, what="dead letters counted again")
+
+
 async def test_heartbeat_queue_deleted_under_the_controller_is_declared_and_consumed_again(
     ns: Namespace, amqp_url: str
 ) -> None:
@@ -465,16 +481,7 @@ async def test_the_dead_letter_tap_comes_back_after_its_queue_is_deleted(
         channel = await connection.channel()
         await channel.queue_delete(ns.names.dead_tap(controller.instance))
         dead = await channel.get_exchange(ns.names.dead)
-        labels = {"model": "other", "reason": "expired"}
-
-        async def counted_again() -> bool:
-            # While the tap is gone its copies are lost: keep dead-lettering until one counts.
-            headers = {"x-mf-reason": "expired"}
-            await dead.publish(aio_pika.Message(b"{}", headers=headers), routing_key="x")
-            await asyncio.sleep(0.2)
-            return metric(controller, "modelfleet_dead_letters_total", labels) > 0
-
-        await wait_for(counted_again, timeout=10, what="dead letters counted again")
+        await dead_letters_counted_again(controller, dead)
         assert await queue_exists(connection, ns.names.dead_tap(controller.instance))
 
 
@@ -493,15 +500,7 @@ async def test_the_dead_letter_tap_is_bound_again_after_the_dead_exchange_comes_
         dead = await channel.declare_exchange(
             ns.names.dead, aio_pika.ExchangeType.FANOUT, durable=True
         )
-        labels = {"model": "other", "reason": "expired"}
-
-        async def counted_again() -> bool:
-            headers = {"x-mf-reason": "expired"}
-            await dead.publish(aio_pika.Message(b"{}", headers=headers), routing_key="x")
-            await asyncio.sleep(0.2)
-            return metric(controller, "modelfleet_dead_letters_total", labels) > 0
-
-        await wait_for(counted_again, timeout=10, what="dead letters counted again")
+        await dead_letters_counted_again(controller, dead)
 
 
 # --- round 2: loops that survive a dropped connection; bounded side effects ---------------------
