@@ -57,7 +57,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from pydantic import ValidationError
 
 from modelfleet.cancel import CancelPublisher, cancel_key, job_id_for
-from modelfleet.config import Settings
+from modelfleet.config import Settings, load_settings
 from modelfleet.connections import connect
 from modelfleet.errors import (
     BrokerError,
@@ -80,6 +80,7 @@ from modelfleet.messages import (
     check_model_name,
     parse_reply,
 )
+from modelfleet.presence import ControllerWatch, QueueLooks, no_controller_text
 from modelfleet.publishing import closing, job_properties, publish_on
 from modelfleet.security import declare_where_allowed
 from modelfleet.topology import DEADLINE_HEADER, Names, Topology
@@ -100,6 +101,10 @@ _WATCHDOG_GRACE_S = 2.0
 _WATCHDOG_LOG_EVERY_S = 30.0
 # The PRECONDITION_FAILED that a job's body above the broker's max_message_size gets (final).
 _MESSAGE_TOO_BIG = "larger than configured max size"
+
+# A controller this client saw is given at least this long to come back before its absence
+# fails jobs at once (modelfleet.presence.ControllerWatch).
+CONTROLLER_GRACE_S = 10.0
 
 _Reply = ResultReply | ChunkReply | ErrorReply
 
@@ -130,7 +135,10 @@ class Client:
     """Submits jobs to a modelfleet namespace.
 
     Keywords:
-        settings: ``amqp.*``, ``namespace``, ``client.timeout_s``, ``worker.max_payload_bytes``.
+        settings: ``amqp.*``, ``namespace``, ``client.timeout_s``, ``worker.max_payload_bytes``;
+            when omitted, :func:`~modelfleet.config.load_settings` reads them as the commands
+            do (``MODELFLEET_*`` environment, ``$MODELFLEET_CONFIG`` or
+            ``./config/settings.toml``).
         url: AMQP URL (overrides ``settings.amqp.url``).
         namespace: overrides ``settings.namespace``.
         timeout: default job deadline in seconds (overrides ``client.timeout_s``).
@@ -144,7 +152,8 @@ class Client:
         namespace: str | None = None,
         timeout: float | None = None,
     ) -> None:
-        self.settings = settings or Settings()
+        # No settings: the same sources the commands read (environment, settings file).
+        self.settings = settings if settings is not None else load_settings()
         self.url = url or self.settings.amqp.url
         self.names = Names(namespace or self.settings.namespace)
         self.timeout = timeout or self.settings.client.timeout_s
@@ -170,6 +179,12 @@ class Client:
         self._closing = False
         self._canceller: CancelPublisher | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        # Is a controller there to answer unroutable jobs? (modelfleet.presence)
+        self._looks: QueueLooks | None = None
+        self._warned_no_controller_at = -_WATCHDOG_LOG_EVERY_S
+        self.controllers = ControllerWatch(
+            remember_s=max(2 * self.settings.heartbeat.timeout_s, CONTROLLER_GRACE_S)
+        )
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -204,6 +219,12 @@ class Client:
             self._connection.reconnect_callbacks.add(self._on_reopened)
             await self._arm()
             self._canceller = await CancelPublisher.open(self._connection, topology)
+            if self.settings.client.fail_fast_without_controller:
+                # Opened now, with a first look: no channel is opened later, per job or not.
+                self._looks = QueueLooks(self._connection)
+                first = await self._looks.consumers(self.names.unroutable)
+                if first != QueueLooks.UNKNOWN:
+                    self.controllers.saw(first, time.monotonic())
         except Exception:
             await self.close()
             raise
@@ -228,11 +249,18 @@ class Client:
         # Wake publishes waiting for the channel (they see _closing and fail at once), and
         # answer jobs waiting for a reply: nothing can reach them any more.
         self._ready.set()
+        canceller, self._canceller = self._canceller, None
         for job in list(self._pending.values()):
             job.replies.put_nowait(_CLOSED)
-        canceller, self._canceller = self._canceller, None
+            if canceller is not None and job.published and not job.answered:
+                # Nobody can read its answer now: cancel it on the workers (its own finish()
+                # comes after the canceller is gone).
+                canceller.send(job.job_id, job.deadline_epoch(), key=job.key)
         if canceller is not None:
             await canceller.aclose()  # the last cancels go out first
+        looks, self._looks = self._looks, None
+        if looks is not None:
+            await looks.aclose()
         for task in [*self._resuming, self._watchdog]:
             if task is not None:
                 task.cancel()
@@ -417,6 +445,9 @@ class Client:
             raise _closed_error()
         if self._channel is None:
             raise BrokerError("client is not connected: use 'async with Client(...)'")
+        unanswerable = await self._unanswerable(job.model)
+        if unanswerable is not None:
+            raise NoWorkerError(unanswerable, model=job.model, job_id=job.job_id)
         now = time.time()
         remaining = max(job.deadline - time.monotonic(), 0.001)
         properties = job_properties(
@@ -510,6 +541,43 @@ class Client:
                 # not see this job as sent): its answer cannot reach us.
                 job.replies.put_nowait(_Lost("the channel closed", epoch))
             return
+
+    async def _unanswerable(self, model: str) -> str | None:
+        """Why nothing in the namespace can answer a job for ``model`` now (no controller,
+        none for a while, and no worker on the model's queue); None when something may."""
+        looks = self._looks
+        if looks is None:
+            return None
+        controllers = await looks.consumers(self.names.unroutable)
+        if controllers == QueueLooks.UNKNOWN:
+            return None
+        now = time.monotonic()
+        self.controllers.saw(controllers, now)
+        if not self.controllers.gone(now):
+            return None
+        workers = await looks.consumers(self.names.model_queue(model))
+        if workers == QueueLooks.UNKNOWN:
+            return None
+        if workers:
+            if now - self._warned_no_controller_at > _WATCHDOG_LOG_EVERY_S:
+                self._warned_no_controller_at = now
+                log.warning(
+                    "no controller serves namespace %r (nothing consumes %r): a job for a "
+                    "model whose queue no controller has bound waits for one until its deadline",
+                    self.names.ns,
+                    self.names.unroutable,
+                )
+            return None
+        return no_controller_text(self.names, model, unroutable_exists=controllers is not None)
+
+    def no_controller_note(self) -> str:
+        """A clause for a timeout's message when no controller was seen lately (else "")."""
+        if self.controllers.absent_since is None:
+            return ""
+        return (
+            f"; no controller was consuming {self.names.unroutable!r}, so a job for a model "
+            f"no controller has bound waited for one (is namespace {self.names.ns!r} right?)"
+        )
 
     def _names_jobs(self, exc: BaseException) -> bool:
         """Is this channel error about our jobs exchange (so caused by publishing a job)?"""
@@ -636,7 +704,8 @@ class _Job:
 
     def _no_answer(self) -> JobTimeoutError:
         return JobTimeoutError(
-            f"no answer within {self.timeout:g}s (workers busy, hung or gone)",
+            f"no answer within {self.timeout:g}s (workers busy, hung or gone)"
+            + self.client.no_controller_note(),
             model=self.model,
             job_id=self.job_id,
         )

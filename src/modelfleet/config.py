@@ -177,6 +177,10 @@ class WorkerSettings(_Section):
 class ClientSettings(_Section):
     # Default deadline of a job, from publish to final answer; also its time-to-live in the queue.
     timeout_s: float = Field(60.0, gt=0)
+    # Fail a job at once (NO_WORKER, naming the namespace) when no controller serves the
+    # namespace and no worker consumes the model's queue, instead of letting it wait for its
+    # deadline. false: only for setups that bind model queues by hand, with no controller.
+    fail_fast_without_controller: bool = True
 
 
 class HttpSettings(_Section):

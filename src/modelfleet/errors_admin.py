@@ -4,58 +4,90 @@ Every job that failed for good is kept in ``{ns}.errors`` with its reason (``x-m
 the broker's ``x-death``), its model and, for failures modelfleet saw, the error text
 (``x-mf-error``). These commands read it, send chosen jobs back to their model, or delete them.
 
+Job ids: wherever a command takes a JOB_ID, a prefix of at least :data:`MIN_PREFIX` (6)
+characters will do when exactly one job id in the queue starts with it (an exact id of any
+length always matches). A prefix that several jobs share is refused with the candidates listed;
+one that matches nothing is NOT_FOUND. A command given several JOB_IDs does nothing unless every
+one of them names exactly one job.
+
 How the queue is read without losing anything: AMQP 0-9-1 has no "browse" for a quorum queue,
 so the copies are fetched with ``basic.get`` *without* acknowledging them, all on one channel.
-The ones a command removes (replayed or purged) are acknowledged; closing the channel then hands
-every other one back to the broker, which puts it back in the queue. Caveats:
+The ones a command removes (replayed or purged) are acknowledged; closing the channel (or the
+connection, or the process dying: the broker sees the socket close) hands every other one back
+to the broker, which puts it back in the queue. Nothing is ever acknowledged before what it was
+for is done, so a crash at any point leaves every copy in the queue.
 
+What reading changes, and why the listing does not show it:
+
+* Each hand-back counts as a delivery: on RabbitMQ 3.x (and up to 4.2) a quorum queue adds one
+  to a copy's ``x-delivery-count`` every time it is returned, whether by a reject or by a
+  reader's channel closing. There is no way to read a quorum queue over AMQP 0-9-1 that does not
+  count, so the number mostly counts *our own* listings: it is not a property of the job and
+  is not shown (neither in ``list`` nor in ``show``'s headers), so that listing twice prints the
+  same thing twice. What ``list`` shows instead cannot change by being read: REPLAYED is our own
+  header ``x-mf-replayed`` (how many times ``errors replay`` already sent the job back), and
+  the age is computed from the time the job died (see :func:`death_time`).
+* The count is still used for one thing: RabbitMQ 4.0 to 4.2 give every quorum queue without a
+  ``delivery-limit`` a default limit of 20, counted on every return, and would *drop* a copy
+  listed that often. When the broker is one of those (its version is read from the
+  connection's server properties) and a copy was returned :data:`RETURNS_WARNING` times or
+  more, ``list`` says so and how to lift the limit with a policy. RabbitMQ 3.x has no default
+  limit, and 4.3 counts only failed deliveries (rejects), not hand-backs: no warning there.
 * While a command runs, the copies it holds are invisible to anybody else reading the queue (a
   second ``errors list`` at the same moment sees fewer).
-* Each hand-back counts as a delivery: the copy's ``x-delivery-count`` header grows by one per
-  listing (shown as RETURNED). The error queue has no delivery limit on RabbitMQ 3.x, so nothing
-  is lost; RabbitMQ 4.0-4.2 gives every quorum queue a default limit of 20 and would *drop* a
-  copy listed that many times: there, lift it with a policy, e.g.
-  ``rabbitmqctl set_policy mf-errors '^NS\\.errors$' '{"delivery-limit":-1}'
-  --apply-to quorum_queues``.
-* Order: handed-back copies go behind the ones nobody held (RabbitMQ 3.10). Every command
-  therefore reads the whole queue (up to ``--max-scan`` copies; ``list --limit`` only limits
-  what is printed), so the order stays as it was, minus what was removed. When the queue holds
-  more than ``--max-scan`` copies, or somebody else reads it at the same time, the copies read
-  move behind the rest. Do not rely on the order: select jobs by id, model or reason.
+* Every command reads the whole queue (up to ``--max-scan`` copies, so a longer queue shows a
+  part of it), and the listing is ordered by the time each job died, oldest first (or newest
+  first with ``--newest-first``; ties by job id), never by position in the queue, which reads
+  shuffle: the same copies list the same way every time.
 
 A replayed job is a new publish to ``{ns}.jobs`` with the model as routing key, the same job id
 and a fresh deadline (expiration, ``x-mf-deadline`` and the body's ``deadline``). Its
 ``reply_to`` is dropped, because the producer that waited for it is gone, unless
-``--keep-reply-to``. It is published with a publisher confirm first and removed from the error
-queue after, so a crash in between leaves it in both places (never in neither).
+``--keep-reply-to``; with ``--wait`` it is this command's own direct reply-to, and the command
+waits for each answer until the job's new deadline. It is published with a publisher confirm
+first and removed from the error queue after, so a crash in between leaves it in both places
+(never in neither).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import inspect
 import json
 import math
+import re
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from pydantic import ValidationError
 
+from modelfleet import console
 from modelfleet.config import Settings
 from modelfleet.connections import connect_plain
-from modelfleet.errors import BrokerError
-from modelfleet.messages import check_model_name
+from modelfleet.console import report_error
+from modelfleet.errors import BrokerError, ErrorCode
+from modelfleet.messages import ErrorReply, ResultReply, check_model_name, parse_reply
 from modelfleet.topology import (
     DEADLINE_HEADER,
+    DIED_AT_HEADER,
     ERROR_HEADER,
     MODEL_HEADER,
     REASON_HEADER,
@@ -65,20 +97,38 @@ from modelfleet.topology import (
 )
 
 __all__ = [
+    "MIN_PREFIX",
+    "Aged",
+    "Answer",
     "DeadJob",
     "ErrorQueue",
+    "ErrorQueueMissing",
+    "IdMatch",
+    "JobIdError",
+    "NotReplayed",
     "ReplayOutcome",
     "Selection",
     "add_errors_parser",
+    "counts_returns_towards_limit",
+    "death_time",
     "list_errors",
+    "match_job_ids",
+    "order_by_age",
+    "parse_version",
     "purge_errors",
     "replay_errors",
+    "returns_warning",
     "run_errors",
     "show_error",
 ]
 
 # Headers a replay drops: the record of the last death (a new one gets its own) and ours.
 REPLAYED_HEADER = "x-mf-replayed"
+# When modelfleet dead-lettered the copy itself (integer epoch milliseconds). Read when present;
+# modelfleet.topology.dead_copy does not set it yet, so copies modelfleet dead-lettered fall back
+# to the time the job was sent (see death_time).
+# The broker's count of returns; counts our own reads (see the module doc): never shown.
+_BROKER_COUNT_HEADERS = frozenset({"x-delivery-count", "x-acquired-count"})
 _DEATH_HEADERS = frozenset(
     {
         "x-death",
@@ -88,17 +138,28 @@ _DEATH_HEADERS = frozenset(
         "x-last-death-exchange",
         "x-last-death-queue",
         "x-last-death-reason",
-        "x-delivery-count",
+        *_BROKER_COUNT_HEADERS,
         REASON_HEADER,
         ERROR_HEADER,
         MODEL_HEADER,
+        DIED_AT_HEADER,
         "x-mf-rerouted",
     }
 )
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 DEFAULT_LIMIT = 100
 DEFAULT_MAX_SCAN = 100_000
-# A copy handed back this often is worth a warning (RabbitMQ 4.0-4.2 drop it at 20).
+# A job id prefix must be at least this long (an exact id of any length always matches): the
+# ids modelfleet makes are 32 hex digits, and replay/purge act on what a prefix names.
+MIN_PREFIX = 6
+# Candidates an ambiguous prefix lists at most.
+_MAX_CANDIDATES = 10
+# A copy returned this often is worth a warning where returns count towards a delivery limit.
 RETURNS_WARNING = 10
+# RabbitMQ 4.0-4.2: the default delivery-limit of a quorum queue, counted on every return.
+DEFAULT_DELIVERY_LIMIT = 20
+# --wait waits this much longer than the replayed job's deadline, for its answer to travel.
+WAIT_GRACE_S = 1.0
 _KNOWN_REASONS = (
     DeadReason.NO_WORKER,
     DeadReason.WORKER_ERROR,
@@ -108,6 +169,11 @@ _KNOWN_REASONS = (
     DeadReason.OVERLOADED,
     DeadReason.REJECTED,
 )
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # a job failed (again), or nothing matched (NOT_FOUND)
+EXIT_USAGE = 2
+EXIT_BROKER = 3
 
 
 def _text(value: Any) -> str | None:
@@ -133,6 +199,158 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+# -- pure logic ------------------------------------------------------------------------------
+
+
+def _epoch(value: Any) -> float | None:
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
+        number = float(value)
+        return number if math.isfinite(number) and number > 0 else None
+    return None
+
+
+def death_time(
+    headers: Mapping[str, Any] | None, sent_at: float | None
+) -> tuple[float | None, str]:
+    """When a copy's job died (epoch seconds), and where that came from.
+
+    In order: our header ``x-mf-died-at`` (epoch milliseconds); for a copy the broker
+    dead-lettered (no ``x-mf-reason``), the ``time`` of the newest ``x-death`` record; else the
+    time the job was sent (the message timestamp; a job dies within its deadline of it), marked
+    ``"sent"``; else unknown. Second resolution for the broker's times.
+
+    >>> death_time({"x-mf-died-at": 1700000000500}, None)
+    (1700000000.5, 'x-mf-died-at')
+    >>> death_time({}, 1700000000.0)
+    (1700000000.0, 'sent')
+    """
+    headers = headers or {}
+    ours = _epoch(headers.get(DIED_AT_HEADER))
+    if ours is not None:
+        return ours / 1000, DIED_AT_HEADER
+    if REASON_HEADER not in headers:
+        deaths = headers.get("x-death")
+        if isinstance(deaths, (list, tuple)) and deaths and isinstance(deaths[0], Mapping):
+            when = _epoch(deaths[0].get("time"))
+            if when is not None:
+                return when, "x-death"
+    if sent_at is not None:
+        return sent_at, "sent"
+    return None, "unknown"
+
+
+class Aged(Protocol):
+    """What :func:`order_by_age` needs of a job."""
+
+    @property
+    def job_id(self) -> str: ...
+
+    @property
+    def died_at(self) -> float | None: ...
+
+
+_J = TypeVar("_J", bound=Aged)
+
+
+def order_by_age(jobs: Iterable[_J], *, newest_first: bool = False) -> list[_J]:
+    """Jobs by the time they died, oldest first (or newest first); ties by job id, jobs whose
+    time is unknown last. The same jobs give the same order however the queue was shuffled."""
+    known = [job for job in jobs if job.died_at is not None]
+    unknown = sorted((job for job in jobs if job.died_at is None), key=lambda job: job.job_id)
+    known.sort(key=lambda job: (job.died_at, job.job_id), reverse=newest_first)
+    return known + unknown
+
+
+@dataclass(frozen=True)
+class IdMatch:
+    """What each JOB_ID given turned out to name (see :func:`match_job_ids`)."""
+
+    resolved: Mapping[str, str]  # given -> the one job id it names
+    missing: tuple[str, ...] = ()  # given, no job id starts with it
+    ambiguous: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # given -> ids
+    too_short: tuple[str, ...] = ()  # given, not an id and shorter than the minimum prefix
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.ambiguous or self.too_short)
+
+    @property
+    def error(self) -> str:
+        """The console error name: USAGE for a bad prefix, NOT_FOUND when only misses."""
+        return console.USAGE if (self.ambiguous or self.too_short) else console.NOT_FOUND
+
+
+def match_job_ids(
+    wanted: Iterable[str], known: Iterable[str], *, min_prefix: int = MIN_PREFIX
+) -> IdMatch:
+    """Resolve JOB_IDs given by a person against the job ids in the queue.
+
+    An exact id always matches itself. Anything else is a prefix: it must be at least
+    ``min_prefix`` characters and start exactly one of the ids (copies of one job share an id:
+    that is one match).
+
+    >>> match_job_ids(["9f0c2b"], ["9f0c2b7e61", "1d2e3f4051"]).resolved
+    {'9f0c2b': '9f0c2b7e61'}
+    """
+    ids = sorted(set(known))
+    exact = set(ids)
+    resolved: dict[str, str] = {}
+    missing: list[str] = []
+    ambiguous: dict[str, tuple[str, ...]] = {}
+    too_short: list[str] = []
+    for given in dict.fromkeys(wanted):
+        if given in exact:
+            resolved[given] = given
+        elif len(given) < min_prefix:
+            too_short.append(given)
+        else:
+            hits = tuple(i for i in ids if i.startswith(given))
+            if len(hits) == 1:
+                resolved[given] = hits[0]
+            elif hits:
+                ambiguous[given] = hits
+            else:
+                missing.append(given)
+    return IdMatch(resolved, tuple(missing), ambiguous, tuple(too_short))
+
+
+def parse_version(value: Any) -> tuple[int, ...] | None:
+    """``"3.10.8"`` (or bytes, or ``"4.1.0-rc.1"``) as ``(3, 10, 8)``; None if unreadable."""
+    text = _text(value)
+    if text is None:
+        return None
+    found = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if found is None:
+        return None
+    return tuple(int(part) for part in found.groups() if part is not None)
+
+
+def counts_returns_towards_limit(version: tuple[int, ...] | None) -> bool:
+    """Whether this RabbitMQ gives a quorum queue without one a default delivery limit counted
+    on every return (4.0 to 4.2). 3.x has no default limit; 4.3 counts failed deliveries only."""
+    return version is not None and (4, 0) <= version[:2] < (4, 3)
+
+
+def returns_warning(version: tuple[int, ...] | None, most_returned: int, queue: str) -> str | None:
+    """The note ``errors list`` prints when reading the queue may make the broker drop copies:
+    the broker counts returns towards its default limit and a copy came close. None otherwise."""
+    if not counts_returns_towards_limit(version) or most_returned < RETURNS_WARNING:
+        return None
+    shown = ".".join(str(part) for part in version or ())
+    return (
+        f"note: RabbitMQ {shown} drops a quorum-queue message returned {DEFAULT_DELIVERY_LIMIT} "
+        f"times unless a policy sets delivery-limit, and every errors command returns the "
+        f"copies it reads; some copies in {queue} were returned {most_returned} times. Lift "
+        f"the limit: rabbitmqctl set_policy mf-errors '^{re.escape(queue)}$' "
+        f"'{{\"delivery-limit\":-1}}' --apply-to quorum_queues"
+    )
+
+
+# -- reading the queue -----------------------------------------------------------------------
+
+
 @dataclass
 class DeadJob:
     """One copy in the error queue, still held (unacknowledged) by the reader that got it."""
@@ -142,8 +360,12 @@ class DeadJob:
     model: str
     reason: str
     error: str
-    timestamp: float | None
-    returned: int
+    died_at: float | None  # epoch seconds; see death_time
+    died_at_source: str  # "x-mf-died-at", "x-death", "sent" or "unknown"
+    replayed: int  # times `errors replay` sent it back already (x-mf-replayed)
+    # The broker's x-delivery-count: grows with every read, ours included. Not a property of
+    # the job; used only for the delivery-limit warning (see the module doc).
+    broker_returns: int
 
     @classmethod
     def of(cls, message: AbstractIncomingMessage, names: Names) -> DeadJob:
@@ -162,21 +384,28 @@ class DeadJob:
             where = f" in {died_in}" if died_in else ""
             error = f"dead-lettered by the broker: {reason}{where}"
         count = headers.get("x-delivery-count")
+        replayed = headers.get(REPLAYED_HEADER)
         stamp = message.timestamp
+        died_at, source = death_time(
+            headers, stamp.timestamp() if isinstance(stamp, datetime) else None
+        )
         return cls(
             message=message,
             job_id=message.message_id or message.correlation_id or "?",
             model=model,
             reason=reason,
             error=error,
-            timestamp=stamp.timestamp() if isinstance(stamp, datetime) else None,
-            returned=count if isinstance(count, int) else 0,
+            died_at=died_at,
+            died_at_source=source,
+            replayed=replayed if isinstance(replayed, int) and replayed > 0 else 0,
+            broker_returns=count if isinstance(count, int) else 0,
         )
 
     def age_s(self, now: float | None = None) -> float | None:
-        if self.timestamp is None:
+        """Seconds since the job died (see :func:`death_time`)."""
+        if self.died_at is None:
             return None
-        return max(0.0, (time.time() if now is None else now) - self.timestamp)
+        return max(0.0, (time.time() if now is None else now) - self.died_at)
 
     def summary(self, now: float | None = None) -> dict[str, Any]:
         age = self.age_s(now)
@@ -184,13 +413,16 @@ class DeadJob:
             "job_id": self.job_id,
             "model": self.model,
             "reason": self.reason,
+            "died_at": self.died_at,
+            "died_at_source": self.died_at_source,
             "age_s": None if age is None else round(age, 3),
+            "replayed": self.replayed,
             "error": self.error,
-            "returned": self.returned,
         }
 
     def details(self, now: float | None = None) -> dict[str, Any]:
-        """Everything about the copy: summary, AMQP properties, headers, decoded body."""
+        """Everything about the copy: summary, AMQP properties, headers, decoded body (the
+        broker's return counters left out: they count reads, see the module doc)."""
         m = self.message
         properties = {
             "content_type": m.content_type,
@@ -215,10 +447,11 @@ class DeadJob:
         except (ValueError, UnicodeDecodeError):
             body = m.body.decode(errors="replace")
             body_format = "text"
+        headers = {k: v for k, v in (m.headers or {}).items() if k not in _BROKER_COUNT_HEADERS}
         return {
             **self.summary(now),
             "properties": {k: v for k, v in properties.items() if v not in (None, "")},
-            "headers": _jsonable(dict(m.headers or {})),
+            "headers": _jsonable(headers),
             "body_format": body_format,
             "body_bytes": len(m.body),
             "body": body,
@@ -227,7 +460,8 @@ class DeadJob:
 
 @dataclass(frozen=True)
 class Selection:
-    """Which copies a command acts on: given job ids (all when none), narrowed by model/reason."""
+    """Which copies a command acts on: given job ids or unique prefixes (all when none),
+    narrowed by model/reason."""
 
     job_ids: frozenset[str] = frozenset()
     everything: bool = False
@@ -240,11 +474,52 @@ class Selection:
         return not (self.job_ids or self.everything or self.model or self.reason)
 
     def matches(self, job: DeadJob) -> bool:
+        """Exact ids only: :meth:`ErrorQueue.scan` resolves prefixes first."""
         if self.job_ids and job.job_id not in self.job_ids:
             return False
         if self.model is not None and job.model != self.model:
             return False
         return self.reason is None or job.reason == self.reason
+
+
+class ErrorQueueMissing(BrokerError):
+    """The namespace has no error queue (a wrong namespace, most likely)."""
+
+
+class JobIdError(LookupError):
+    """Some JOB_ID given named no job, or several, or was too short for a prefix."""
+
+    def __init__(self, match: IdMatch, queue: str, *, truncated_at: int | None = None) -> None:
+        self.match = match
+        self.queue = queue
+        self.error = match.error
+        parts: list[str] = []
+        for given, ids in match.ambiguous.items():
+            shown = ", ".join(ids[:_MAX_CANDIDATES])
+            more = f" and {len(ids) - _MAX_CANDIDATES} more" if len(ids) > _MAX_CANDIDATES else ""
+            parts.append(
+                f"job id prefix {given!r} is ambiguous, it starts {len(ids)} job ids: "
+                f"{shown}{more}; give more characters"
+            )
+        for given in match.too_short:
+            parts.append(
+                f"{given!r} is no job id in {queue}, and a prefix needs at least "
+                f"{MIN_PREFIX} characters"
+            )
+        for given in match.missing:
+            parts.append(f"no job id in {queue} starts with {given!r}")
+        if truncated_at is not None and (match.missing or match.too_short):
+            parts.append(f"only the first {truncated_at} copies were read (--max-scan)")
+        super().__init__("; ".join(parts))
+
+
+def _server_version(connection: AbstractConnection) -> tuple[int, ...] | None:
+    """The broker's version from the connection's server properties (aiormq keeps them)."""
+    underlay = getattr(getattr(connection, "transport", None), "connection", None)
+    properties = getattr(underlay, "server_properties", None)
+    if not isinstance(properties, Mapping):
+        return None
+    return parse_version(properties.get("version"))
 
 
 class ErrorQueue:
@@ -272,6 +547,7 @@ class ErrorQueue:
         self.held: list[DeadJob] = []
         self.matched = 0  # copies the last scan's selection matched
         self.truncated = False
+        self.broker_version = _server_version(connection)
 
     @classmethod
     @asynccontextmanager
@@ -283,17 +559,16 @@ class ErrorQueue:
             try:
                 queue = await channel.declare_queue(names.errors, passive=True)
             except aiormq.exceptions.ChannelNotFoundEntity:
-                raise BrokerError(
-                    f"there is no error queue {names.errors!r}: is the namespace right? "
-                    "(it is created by the first controller, worker or client)"
+                raise ErrorQueueMissing(
+                    f"namespace {settings.namespace!r} has no error queue {names.errors!r}: is "
+                    "the namespace right (--namespace, the namespace setting or "
+                    "$MODELFLEET_NAMESPACE)? The first controller, worker or client creates it"
                 ) from None
             reader = cls(settings, connection, channel, queue)
             try:
                 yield reader
             finally:
-                # Every copy not acknowledged goes back to the queue when its channel closes.
-                if not channel.is_closed:
-                    await channel.close()
+                await reader.release()
         finally:
             await connection.close()
 
@@ -301,22 +576,32 @@ class ErrorQueue:
         self, selection: Selection | None = None, *, max_scan: int = DEFAULT_MAX_SCAN
     ) -> list[DeadJob]:
         """Fetch copies (held, not acknowledged) until the queue is empty or ``max_scan`` were
-        fetched; returns those matching ``selection``.
+        fetched; returns those matching ``selection``, in the order read.
 
-        Always to the end: copies handed back go behind those never fetched, so stopping early
-        would rotate the queue.
+        Raises :class:`JobIdError` unless every JOB_ID of the selection names exactly one job
+        among the copies read. Always reads to the end, so that every command sees the same
+        copies (a prefix is unique among all of them, not among the first few).
         """
-        chosen: list[DeadJob] = []
         self.truncated = True
         while len(self.held) < max_scan:
             message = await self.queue.get(no_ack=False, fail=False)
             if message is None:
                 self.truncated = False
                 break
-            job = DeadJob.of(message, self.names)
-            self.held.append(job)
-            if selection is None or selection.matches(job):
-                chosen.append(job)
+            self.held.append(DeadJob.of(message, self.names))
+        if selection is not None and selection.job_ids:
+            match = match_job_ids(selection.job_ids, (job.job_id for job in self.held))
+            if not match.ok:
+                raise JobIdError(
+                    match, self.names.errors, truncated_at=max_scan if self.truncated else None
+                )
+            selection = Selection(
+                job_ids=frozenset(match.resolved.values()),
+                everything=selection.everything,
+                model=selection.model,
+                reason=selection.reason,
+            )
+        chosen = [job for job in self.held if selection is None or selection.matches(job)]
         self.matched = len(chosen)
         return chosen
 
@@ -325,12 +610,24 @@ class ErrorQueue:
         await job.message.ack()
         self.held.remove(job)
 
+    async def release(self) -> None:
+        """Hand every copy still held back to the broker (close the reading channel)."""
+        if self.channel.is_closed:
+            return
+        # A channel or connection that died has had its copies taken back by the broker.
+        with contextlib.suppress(aiormq.exceptions.AMQPError, OSError, RuntimeError):
+            await self.channel.close()
+
     def copies_of(self, job_id: str) -> list[DeadJob]:
         return [job for job in self.held if job.job_id == job_id]
 
     @property
     def most_returned(self) -> int:
-        return max((job.returned for job in self.held), default=0)
+        """The broker's highest return count among the copies read (for the warning only)."""
+        return max((job.broker_returns for job in self.held), default=0)
+
+    def warning(self) -> str | None:
+        return returns_warning(self.broker_version, self.most_returned, self.names.errors)
 
 
 # -- operations (the CLI's and the tests' entry points) --------------------------------------
@@ -342,33 +639,69 @@ async def list_errors(
     *,
     limit: int | None = DEFAULT_LIMIT,
     max_scan: int = DEFAULT_MAX_SCAN,
+    newest_first: bool = False,
 ) -> tuple[list[DeadJob], ErrorQueue]:
-    """The first ``limit`` copies matching ``selection`` (every copy when None), all left in the
-    queue; ``errors.matched`` says how many matched in all."""
+    """The first ``limit`` copies matching ``selection`` (every copy when None) by the time
+    they died, oldest first unless ``newest_first``; all left in the queue.
+    ``errors.matched`` says how many matched in all."""
     async with ErrorQueue.open(settings) as errors:
-        jobs = await errors.scan(selection, max_scan=max_scan)
+        jobs = order_by_age(
+            await errors.scan(selection, max_scan=max_scan), newest_first=newest_first
+        )
     return (jobs if limit is None else jobs[:limit]), errors
 
 
 async def show_error(
     settings: Settings, job_id: str, *, max_scan: int = DEFAULT_MAX_SCAN
 ) -> list[DeadJob]:
-    """Every copy of one job (usually one), all left in the queue."""
+    """Every copy of one job (usually one), all left in the queue. ``job_id`` may be a unique
+    prefix; raises :class:`JobIdError` when it names no job or several."""
     async with ErrorQueue.open(settings) as errors:
         return await errors.scan(Selection(job_ids=frozenset({job_id})), max_scan=max_scan)
 
 
 @dataclass
+class Answer:
+    """What came back for a replayed job under ``--wait``."""
+
+    status: str  # "ok", "failed" or "no_answer"
+    error: str | None = None  # the code name of a failure (WORKER_ERROR, NO_WORKER, ...)
+    code: int | None = None
+    message: str | None = None
+    seconds: float | None = None  # from the publish to the answer
+
+
+@dataclass
+class NotReplayed:
+    """A chosen job that was not published again (it stays in the error queue)."""
+
+    job: DeadJob
+    error: str  # a console/job error name: INVALID_MODEL, OVERLOADED, BROKER_ERROR
+    message: str
+
+
+@dataclass
 class ReplayOutcome:
     replayed: list[DeadJob] = field(default_factory=list)
-    failed: list[tuple[DeadJob, str]] = field(default_factory=list)
+    failed: list[NotReplayed] = field(default_factory=list)
     removed: int = 0  # copies deleted from the error queue (a job may have several)
+    # job id -> where its answer goes: a reply-to address, or None (nobody)
+    answer_to: dict[str, str | None] = field(default_factory=dict)
+    answers: dict[str, Answer] = field(default_factory=dict)  # --wait only
+    waited_s: float | None = None
 
 
 def replay_message(
-    job: DeadJob, *, timeout_s: float, keep_reply_to: bool, now: float | None = None
+    job: DeadJob,
+    *,
+    timeout_s: float,
+    keep_reply_to: bool,
+    now: float | None = None,
+    reply_to: str | None = None,
 ) -> aio_pika.Message:
-    """The job as it is published again: same id and body, a fresh deadline, clean headers."""
+    """The job as it is published again: same id and body, a fresh deadline, clean headers.
+    ``reply_to`` (this command's own reply path) replaces the original one and makes the job's
+    id its correlation id, so the answer can be matched."""
     source = job.message
     now = time.time() if now is None else now
     deadline = now + timeout_s
@@ -388,19 +721,79 @@ def replay_message(
         decoded["deadline"] = deadline
         decoded["sent_at"] = now
         body = json.dumps(decoded, separators=(",", ":")).encode()
+    if reply_to is not None:
+        answer_to: str | None = reply_to
+        correlation_id = job.job_id
+    else:
+        answer_to = source.reply_to if keep_reply_to else None
+        correlation_id = source.correlation_id or job.job_id
     return aio_pika.Message(
         body,
         headers=headers,
         content_type=source.content_type or "application/json",
         content_encoding=source.content_encoding,
         message_id=job.job_id,
-        correlation_id=source.correlation_id or job.job_id,
-        reply_to=source.reply_to if keep_reply_to else None,
+        correlation_id=correlation_id,
+        reply_to=answer_to,
         expiration=max(timeout_s, 0.001),
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         timestamp=now,
         type="job",
     )
+
+
+class _Replies:
+    """Answers to replayed jobs on the replaying channel's direct reply-to, by correlation id
+    (the job id: see :func:`replay_message`). Chunks of streamed jobs are skipped."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[str, asyncio.Future[ResultReply | ErrorReply]] = {}
+        self.sent_at: dict[str, float] = {}
+        self.took: dict[str, float] = {}
+
+    async def listen(self, channel: AbstractChannel) -> None:
+        # The consumer must exist before the first publish naming amq.rabbitmq.reply-to.
+        queue = await channel.declare_queue(DIRECT_REPLY_TO, passive=True)
+        await queue.consume(self._on_reply, no_ack=True)
+
+    def expect(self, job_id: str) -> None:
+        self.waiting[job_id] = asyncio.get_running_loop().create_future()
+        self.sent_at[job_id] = time.monotonic()
+
+    def forget(self, job_id: str) -> None:
+        self.waiting.pop(job_id).cancel()
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        job_id = message.correlation_id or ""
+        future = self.waiting.get(job_id)
+        if future is None or future.done():
+            return
+        try:
+            reply = parse_reply(message.body)
+        except ValidationError:
+            return  # not an answer modelfleet sends: keep waiting for one
+        if isinstance(reply, (ResultReply, ErrorReply)):
+            self.took[job_id] = round(time.monotonic() - self.sent_at[job_id], 3)
+            future.set_result(reply)
+
+    async def collect(self, wait_s: float) -> dict[str, Answer]:
+        """Wait up to ``wait_s`` for every answer; what each job answered, or no_answer."""
+        pending = list(self.waiting.values())
+        if pending:
+            await asyncio.wait(pending, timeout=wait_s)
+        answers: dict[str, Answer] = {}
+        for job_id, future in self.waiting.items():
+            if not future.done():
+                future.cancel()
+                answers[job_id] = Answer("no_answer")
+                continue
+            reply = future.result()
+            took = self.took.get(job_id)
+            if isinstance(reply, ErrorReply):
+                answers[job_id] = Answer("failed", reply.error, reply.code, reply.message, took)
+            else:
+                answers[job_id] = Answer("ok", seconds=took)
+        return answers
 
 
 async def replay_errors(
@@ -409,17 +802,23 @@ async def replay_errors(
     *,
     timeout_s: float | None = None,
     keep_reply_to: bool = False,
+    wait: bool = False,
     max_scan: int = DEFAULT_MAX_SCAN,
 ) -> ReplayOutcome:
     """Publish the chosen jobs to ``{ns}.jobs`` again and remove them from the error queue.
 
     A job with several copies is published once and every copy is removed. A job the broker
-    does not confirm (its model queue is full, say) stays in the error queue.
+    does not confirm (its model queue is full, say) stays in the error queue. ``wait``: the jobs
+    carry this command's direct reply-to, and after publishing (and handing back the copies not
+    replayed) it waits until each answers or the new deadline (plus WAIT_GRACE_S) passes.
     """
+    if wait and keep_reply_to:
+        raise ValueError("wait and keep_reply_to exclude each other: an answer goes one way")
     timeout = settings.client.timeout_s if timeout_s is None else timeout_s
     outcome = ReplayOutcome()
+    replies = _Replies() if wait else None
     async with ErrorQueue.open(settings) as errors:
-        chosen = await errors.scan(selection, max_scan=max_scan)
+        chosen = order_by_age(await errors.scan(selection, max_scan=max_scan))
         if not chosen:
             return outcome
         publisher = await errors.connection.channel(publisher_confirms=True)
@@ -429,6 +828,8 @@ async def replay_errors(
             raise BrokerError(
                 f"exchange {errors.names.jobs!r} does not exist: start a controller first"
             ) from None
+        if replies is not None:
+            await replies.listen(publisher)
         done: set[str] = set()
         for job in chosen:
             if job.job_id in done:
@@ -436,23 +837,52 @@ async def replay_errors(
             try:
                 check_model_name(job.model)
             except ValueError as exc:
-                outcome.failed.append((job, f"cannot tell its model: {exc}"))
+                outcome.failed.append(
+                    NotReplayed(job, ErrorCode.INVALID_MODEL.name, f"cannot tell its model: {exc}")
+                )
                 continue
-            message = replay_message(job, timeout_s=timeout, keep_reply_to=keep_reply_to)
+            message = replay_message(
+                job,
+                timeout_s=timeout,
+                keep_reply_to=keep_reply_to,
+                reply_to=DIRECT_REPLY_TO if replies is not None else None,
+            )
+            if replies is not None:
+                replies.expect(job.job_id)
             try:
                 async with asyncio.timeout(settings.amqp.connect_timeout_s):
                     await jobs_exchange.publish(message, routing_key=job.model, mandatory=False)
             except aio_pika.exceptions.DeliveryError:
-                outcome.failed.append((job, "refused by the broker (is the model's queue full?)"))
+                outcome.failed.append(
+                    NotReplayed(
+                        job,
+                        ErrorCode.OVERLOADED.name,
+                        "refused by the broker (is the model's queue full?)",
+                    )
+                )
+                if replies is not None:
+                    replies.forget(job.job_id)
                 continue
             except TimeoutError:
-                outcome.failed.append((job, "the broker did not confirm the publish in time"))
+                outcome.failed.append(
+                    NotReplayed(
+                        job, console.BROKER_ERROR, "the broker did not confirm the publish in time"
+                    )
+                )
+                if replies is not None:
+                    replies.forget(job.job_id)
                 continue
             done.add(job.job_id)
             outcome.replayed.append(job)
+            outcome.answer_to[job.job_id] = message.reply_to
             for copy in errors.copies_of(job.job_id):
                 await errors.remove(copy)
                 outcome.removed += 1
+        if replies is not None:
+            # Nobody else should wait for the copies not replayed while we wait for answers.
+            await errors.release()
+            outcome.waited_s = timeout + WAIT_GRACE_S
+            outcome.answers = await replies.collect(outcome.waited_s)
         await publisher.close()
     return outcome
 
@@ -466,7 +896,7 @@ async def purge_errors(
 ) -> list[DeadJob]:
     """Delete the chosen copies; ``confirm`` (when given) sees them first and may say no."""
     async with ErrorQueue.open(settings) as errors:
-        chosen = await errors.scan(selection, max_scan=max_scan)
+        chosen = order_by_age(await errors.scan(selection, max_scan=max_scan))
         if not chosen:
             return []
         if confirm is not None:
@@ -484,10 +914,11 @@ async def purge_errors(
 
 
 def add_errors_parser(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    commands: argparse._SubParsersAction[Any],
     common: argparse.ArgumentParser,
 ) -> None:
-    """``modelfleet errors list|show|replay|purge`` (called by :mod:`modelfleet.cli`)."""
+    """``modelfleet errors list|show|replay|purge`` (called by :mod:`modelfleet.cli`; the
+    actions' parsers are of the class ``commands`` makes, so usage errors look the same)."""
     errors = commands.add_parser(
         "errors",
         parents=[common],
@@ -496,7 +927,12 @@ def add_errors_parser(
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    actions = errors.add_subparsers(dest="errors_command", required=True, metavar="ACTION")
+    actions = errors.add_subparsers(
+        dest="errors_command",
+        required=True,
+        metavar="ACTION",
+        help="what to do (`modelfleet errors ACTION --help` for its options)",
+    )
     scan = argparse.ArgumentParser(add_help=False)
     scan.add_argument(
         "--max-scan",
@@ -510,9 +946,17 @@ def add_errors_parser(
     filters.add_argument(
         "--reason", metavar="R", help=f"only jobs dead for reason R ({', '.join(_KNOWN_REASONS)})"
     )
+    ids_help = (
+        f"a job id, or its first {MIN_PREFIX}+ characters when they name exactly one job "
+        "(repeatable)"
+    )
 
     listing = actions.add_parser(
-        "list", parents=[common, scan, filters], help="a table of the jobs in the error queue"
+        "list",
+        parents=[common, scan, filters],
+        help="a table of the jobs in the error queue, oldest death first",
+        description="A table of the jobs in the error queue, by the time each died, oldest "
+        "first. Listing changes nothing: the same jobs, the same columns every time.",
     )
     listing.add_argument(
         "--limit",
@@ -521,20 +965,34 @@ def add_errors_parser(
         metavar="N",
         help=f"show at most N jobs (default {DEFAULT_LIMIT})",
     )
-    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.add_argument(
+        "--newest-first",
+        action="store_true",
+        help="the jobs that died last first (default: oldest first)",
+    )
 
     show = actions.add_parser(
-        "show", parents=[common, scan], help="everything about one job: headers, properties, body"
+        "show",
+        parents=[common, scan],
+        help="everything about one job: headers, properties, body",
+        description="Everything about one job in the error queue: why and when it died, its "
+        "AMQP properties, headers and body.",
     )
-    show.add_argument("job_id", metavar="JOB_ID")
-    show.add_argument("--json", action="store_true", help="print JSON")
+    show.add_argument(
+        "job_id",
+        metavar="JOB_ID",
+        help=f"the job's id, or its first {MIN_PREFIX}+ characters when they name one job",
+    )
 
     replay = actions.add_parser(
         "replay",
         parents=[common, scan, filters],
         help="publish chosen jobs to their model again and remove them from the error queue",
+        description="Publish the chosen jobs to their model again (same job id, fresh deadline) "
+        "and remove them from the error queue. Says where each answer goes; --wait waits for "
+        "the answers here and exits 1 if any job failed again or did not answer.",
     )
-    replay.add_argument("job_ids", nargs="*", metavar="JOB_ID")
+    replay.add_argument("job_ids", nargs="*", metavar="JOB_ID", help=ids_help)
     replay.add_argument("--all", action="store_true", help="every job (narrowed by the filters)")
     replay.add_argument(
         "--timeout",
@@ -547,26 +1005,45 @@ def add_errors_parser(
         action="store_true",
         help="answer the original reply-to address (default: dropped, its producer is gone)",
     )
+    replay.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait here for each replayed job's answer, until its new deadline (--timeout) "
+        "passes, and print ok, failed again (CODE: message) or no answer",
+    )
 
     purge = actions.add_parser(
-        "purge", parents=[common, scan, filters], help="delete chosen jobs from the error queue"
+        "purge",
+        parents=[common, scan, filters],
+        help="delete chosen jobs from the error queue",
+        description="Delete the chosen jobs from the error queue, for good.",
     )
-    purge.add_argument("job_ids", nargs="*", metavar="JOB_ID")
+    purge.add_argument("job_ids", nargs="*", metavar="JOB_ID", help=ids_help)
     purge.add_argument("--all", action="store_true", help="every job (narrowed by the filters)")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
 
-_EPILOG = """\
-The queue is read with basic.get without acknowledging, on one channel; closing it hands every
-copy not replayed or purged back to the broker. Meanwhile other readers do not see those copies,
-and each hand-back adds one to a copy's x-delivery-count (RETURNED). RabbitMQ 3.x sets no
-delivery limit on the error queue; RabbitMQ 4.0-4.2 default to 20 for quorum queues and would
-drop a copy listed that often: lift it with a policy, for example
-  rabbitmqctl set_policy mf-errors '^NS\\.errors$' '{"delivery-limit":-1}' \\
+_EPILOG = f"""\
+JOB_ID: a whole job id, or its first {MIN_PREFIX} or more characters when they name exactly one
+job (an ambiguous prefix is refused with the candidates listed).
+
+`list` orders jobs by the time they died, oldest first (--newest-first turns it round): the
+broker's x-death time, else when the job was sent. REPLAYED counts how often `errors replay`
+already sent a job back (its x-mf-replayed header).
+
+The queue is read with basic.get without acknowledging, on one channel; closing it (or the
+command dying) hands every copy not replayed or purged back to the broker, so nothing is lost.
+Meanwhile other readers do not see those copies. The broker counts each hand-back in the copy's
+x-delivery-count, so that count says more about listings than about the job: it is not shown.
+RabbitMQ 3.x sets no delivery limit on the error queue, and 4.3 counts failed deliveries only;
+RabbitMQ 4.0-4.2 default to 20 returns for quorum queues and would drop a copy listed that
+often: `list` warns there, and a policy lifts the limit, for example
+  rabbitmqctl set_policy mf-errors '^NS\\.errors$' '{{"delivery-limit":-1}}' \\
       --apply-to quorum_queues
-Every command reads the whole queue (up to --max-scan; list --limit only limits the output)
-so the order stays the queue's: handed-back copies go behind any never read, so a queue longer
-than --max-scan, or a concurrent reader, rotates it. Select jobs by id, model or reason.
+
+Exit codes: 0 done; 1 nothing matched (NOT_FOUND), a job was not replayed, or under --wait a
+replayed job failed again or did not answer; 2 bad usage (an ambiguous or short prefix);
+3 RabbitMQ unreachable or refusing (BROKER_ERROR).
 """
 
 
@@ -588,14 +1065,14 @@ def _shorten(text: str, width: int) -> str:
 
 
 def render_table(jobs: Sequence[DeadJob], now: float | None = None) -> str:
-    headers = ["JOB_ID", "MODEL", "REASON", "AGE", "RETURNED", "ERROR"]
+    headers = ["JOB_ID", "MODEL", "REASON", "AGE", "REPLAYED", "ERROR"]
     rows = [
         [
             j.job_id,
             j.model,
             j.reason,
             format_age(j.age_s(now)),
-            str(j.returned),
+            str(j.replayed),
             _shorten(j.error, 70),
         ]
         for j in jobs
@@ -605,6 +1082,16 @@ def render_table(jobs: Sequence[DeadJob], now: float | None = None) -> str:
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
     )
+
+
+def _died(job: DeadJob) -> str:
+    if job.died_at is None:
+        return "unknown (the copy records neither its death nor when it was sent)"
+    when = datetime.fromtimestamp(job.died_at, tz=UTC).isoformat(timespec="seconds")
+    ago = f"{format_age(job.age_s())} ago"
+    if job.died_at_source == "sent":
+        return f"after {when}, when it was sent ({ago}; the time of death is not recorded)"
+    return f"{when} ({ago}; from {job.died_at_source})"
 
 
 def render_details(copies: Sequence[DeadJob], queue: str) -> str:
@@ -618,8 +1105,8 @@ def render_details(copies: Sequence[DeadJob], queue: str) -> str:
             f"{title} in {queue}",
             f"  model:     {d['model']}",
             f"  reason:    {d['reason']}",
-            f"  age:       {format_age(d['age_s'])}",
-            f"  returned:  {d['returned']} time(s) to the queue (by listings)",
+            f"  died:      {_died(job)}",
+            f"  replayed:  {d['replayed']} time(s) before (x-mf-replayed)",
             f"  error:     {d['error']}",
             "properties:",
             *(f"  {k}: {v}" for k, v in d["properties"].items()),
@@ -639,16 +1126,6 @@ def render_details(copies: Sequence[DeadJob], queue: str) -> str:
     return "\n\n".join(parts)
 
 
-def _warn_returns(errors: ErrorQueue) -> None:
-    if errors.most_returned >= RETURNS_WARNING:
-        print(
-            f"note: some copies were handed back to {errors.names.errors} "
-            f"{errors.most_returned} times; RabbitMQ 4.0-4.2 drop a quorum-queue message after "
-            "20 unless a policy lifts delivery-limit (see `modelfleet errors --help`)",
-            file=sys.stderr,
-        )
-
-
 def _selection(args: argparse.Namespace) -> Selection:
     return Selection(
         job_ids=frozenset(getattr(args, "job_ids", None) or ()),
@@ -666,88 +1143,283 @@ async def _confirm_on_tty(jobs: list[DeadJob]) -> bool:
 
 
 async def run_errors(settings: Settings, args: argparse.Namespace) -> int:
-    """Run one ``modelfleet errors ...`` command; returns the exit code (BrokerError escapes)."""
+    """Run one ``modelfleet errors ...`` command; returns the exit code. Every failure is
+    printed through :func:`modelfleet.console.report_error`."""
+    json_mode = bool(getattr(args, "json", False))
+    names = Names(settings.namespace)
+    try:
+        return await _run_action(settings, args, json_mode)
+    except JobIdError as exc:
+        report_error(exc.error, str(exc), json_mode=json_mode, queue=exc.queue)
+        return EXIT_USAGE if exc.error == console.USAGE else EXIT_FAILED
+    except ErrorQueueMissing as exc:
+        report_error(console.NOT_FOUND, str(exc), json_mode=json_mode, namespace=names.ns)
+        return EXIT_FAILED
+    except BrokerError as exc:
+        report_error(console.BROKER_ERROR, str(exc), json_mode=json_mode)
+        return EXIT_BROKER
+    except (aiormq.exceptions.AMQPError, OSError) as exc:
+        # The connection or a channel failed mid-command: whatever was held goes back.
+        reason = str(exc) or type(exc).__name__
+        report_error(
+            console.BROKER_ERROR,
+            f"RabbitMQ failed during `errors {args.errors_command}`: {reason}; copies not "
+            f"removed are back in {names.errors}",
+            json_mode=json_mode,
+        )
+        return EXIT_BROKER
+
+
+def _usage(text: str, json_mode: bool) -> int:
+    report_error(console.USAGE, text, json_mode=json_mode)
+    return EXIT_USAGE
+
+
+def _nothing_matched(names: Names, json_mode: bool) -> int:
+    report_error(
+        console.NOT_FOUND,
+        f"no job in {names.errors} matched",
+        json_mode=json_mode,
+        queue=names.errors,
+    )
+    return EXIT_FAILED
+
+
+async def _run_action(settings: Settings, args: argparse.Namespace, json_mode: bool) -> int:
     action: str = args.errors_command
     if args.max_scan < 1:
-        return _usage("--max-scan must be at least 1")
-    names = Names(settings.namespace)
+        return _usage("--max-scan must be at least 1", json_mode)
     if action == "list":
-        if args.limit < 1:
-            return _usage("--limit must be at least 1")
-        selection = Selection(everything=True, model=args.model, reason=args.reason)
-        jobs, errors = await list_errors(
-            settings, selection, limit=args.limit, max_scan=args.max_scan
-        )
-        now = time.time()
-        if args.json:
-            document = {
-                "queue": names.errors,
-                "in_queue": errors.in_queue,
-                "matched": errors.matched,
-                "jobs": [j.summary(now) for j in jobs],
-            }
-            print(json.dumps(document, indent=2))
-        else:
-            print(render_table(jobs, now))
-            print(
-                f"\n{len(jobs)} shown of {errors.matched} matching; "
-                f"{errors.in_queue} in {names.errors}"
-            )
-        if errors.truncated:
-            print(f"note: only the first {args.max_scan} copies were read", file=sys.stderr)
-        _warn_returns(errors)
-        return 0
+        return await _run_list(settings, args, json_mode)
     if action == "show":
-        copies = await show_error(settings, args.job_id, max_scan=args.max_scan)
-        if not copies:
-            print(f"modelfleet: no job {args.job_id!r} in {names.errors}", file=sys.stderr)
-            return 1
-        if args.json:
-            print(json.dumps([c.details() for c in copies], indent=2, default=str))
-        else:
-            print(render_details(copies, names.errors))
-        return 0
+        return await _run_show(settings, args, json_mode)
     selection = _selection(args)
     if selection.chooses_nothing:
-        return _usage(f"errors {action}: name JOB_IDs, or pass --all (optionally --model/--reason)")
+        return _usage(
+            f"errors {action}: name JOB_IDs, or pass --all (optionally --model/--reason)",
+            json_mode,
+        )
     if action == "replay":
-        if args.timeout is not None and args.timeout <= 0:
-            return _usage("--timeout must be positive")
-        outcome = await replay_errors(
-            settings,
-            selection,
-            timeout_s=args.timeout,
-            keep_reply_to=args.keep_reply_to,
-            max_scan=args.max_scan,
-        )
-        timeout = settings.client.timeout_s if args.timeout is None else args.timeout
-        for job in outcome.replayed:
-            print(f"replayed {job.job_id} to model {job.model} (was {job.reason})")
-        for job, why in outcome.failed:
-            print(f"NOT replayed {job.job_id} (model {job.model}): {why}", file=sys.stderr)
-        print(
-            f"{len(outcome.replayed)} job(s) replayed to {names.jobs} with a {timeout:g}s "
-            f"deadline; {outcome.removed} copy(ies) removed from {names.errors}"
-            + (f"; {len(outcome.failed)} left there" if outcome.failed else "")
-        )
-        if not outcome.replayed and not outcome.failed:
-            print(f"modelfleet: no job in {names.errors} matched", file=sys.stderr)
-            return 1
-        return 1 if outcome.failed else 0
+        return await _run_replay(settings, args, selection, json_mode)
     if action == "purge":
-        confirm: Callable[[list[DeadJob]], bool | Awaitable[bool]] | None = None
-        if not args.yes:
-            if not sys.stdin.isatty():
-                return _usage("errors purge: stdin is not a terminal to confirm on; pass --yes")
-            confirm = _confirm_on_tty
-        purged = await purge_errors(settings, selection, confirm=confirm, max_scan=args.max_scan)
-        for job in purged:
-            print(f"purged {job.job_id} (model {job.model}, {job.reason})")
-        print(f"{len(purged)} job copy(ies) purged from {names.errors}")
-        return 0 if purged else 1
+        return await _run_purge(settings, args, selection, json_mode)
     raise AssertionError(f"unknown errors action {action}")
 
 
-def _usage(text: str) -> int:
-    print(f"modelfleet: {text}", file=sys.stderr)
-    return 2
+async def _run_list(settings: Settings, args: argparse.Namespace, json_mode: bool) -> int:
+    names = Names(settings.namespace)
+    if args.limit < 1:
+        return _usage("--limit must be at least 1", json_mode)
+    selection = Selection(everything=True, model=args.model, reason=args.reason)
+    jobs, errors = await list_errors(
+        settings,
+        selection,
+        limit=args.limit,
+        max_scan=args.max_scan,
+        newest_first=args.newest_first,
+    )
+    now = time.time()
+    order = "newest first" if args.newest_first else "oldest first"
+    warning = errors.warning()
+    if json_mode:
+        version = errors.broker_version
+        document = {
+            "queue": names.errors,
+            "order": order.replace(" ", "_"),
+            "in_queue": errors.in_queue,
+            "matched": errors.matched,
+            "truncated": errors.truncated,
+            "broker_version": ".".join(map(str, version)) if version else None,
+            "warnings": [warning] if warning else [],
+            "jobs": [j.summary(now) for j in jobs],
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        print(render_table(jobs, now))
+        print(
+            f"\n{len(jobs)} shown of {errors.matched} matching, by time of death, {order}; "
+            f"{errors.in_queue} in {names.errors}"
+        )
+    if errors.truncated:
+        print(f"note: only the first {args.max_scan} copies were read", file=sys.stderr)
+    if warning:
+        print(warning, file=sys.stderr)
+    return EXIT_OK
+
+
+async def _run_show(settings: Settings, args: argparse.Namespace, json_mode: bool) -> int:
+    names = Names(settings.namespace)
+    # At least one copy: the id was resolved among the copies read (else JobIdError).
+    copies = await show_error(settings, args.job_id, max_scan=args.max_scan)
+    if json_mode:
+        print(json.dumps([c.details() for c in copies], indent=2, default=str))
+    else:
+        print(render_details(copies, names.errors))
+    return EXIT_OK
+
+
+def _answer_goes(outcome: ReplayOutcome, job: DeadJob, keep_reply_to: bool) -> str:
+    target = outcome.answer_to.get(job.job_id)
+    if keep_reply_to:
+        if target:
+            return (
+                f"its answer goes to {target} (the original producer's reply-to, --keep-reply-to)"
+            )
+        return "its answer goes nowhere: the job had no reply-to to keep"
+    return (
+        "its answer goes nowhere: the original producer is gone "
+        "(--wait waits for it here, --keep-reply-to sends it to the original reply-to)"
+    )
+
+
+async def _run_replay(
+    settings: Settings, args: argparse.Namespace, selection: Selection, json_mode: bool
+) -> int:
+    names = Names(settings.namespace)
+    if args.timeout is not None and args.timeout <= 0:
+        return _usage("--timeout must be positive", json_mode)
+    if args.wait and args.keep_reply_to:
+        return _usage(
+            "--wait and --keep-reply-to exclude each other: an answer goes to one place", json_mode
+        )
+    outcome = await replay_errors(
+        settings,
+        selection,
+        timeout_s=args.timeout,
+        keep_reply_to=args.keep_reply_to,
+        wait=args.wait,
+        max_scan=args.max_scan,
+    )
+    if not outcome.replayed and not outcome.failed:
+        return _nothing_matched(names, json_mode)
+    timeout = settings.client.timeout_s if args.timeout is None else args.timeout
+    code = EXIT_FAILED if outcome.failed else EXIT_OK
+    records: list[dict[str, Any]] = []
+    for job in outcome.replayed:
+        record: dict[str, Any] = {
+            "job_id": job.job_id,
+            "model": job.model,
+            "was": job.reason,
+            "as_job": job.job_id,
+            "answer_to": outcome.answer_to.get(job.job_id),
+        }
+        head = f"replayed {job.job_id} to model {job.model} as job {job.job_id} (was {job.reason})"
+        answer = outcome.answers.get(job.job_id)
+        if answer is None:
+            if not json_mode:
+                print(f"{head}; {_answer_goes(outcome, job, args.keep_reply_to)}")
+        else:
+            record.update(
+                outcome=answer.status,
+                error=answer.error,
+                code=answer.code,
+                message=answer.message,
+                seconds=answer.seconds,
+            )
+            if answer.status == "ok":
+                if not json_mode:
+                    took = f" in {answer.seconds:g}s" if answer.seconds is not None else ""
+                    print(f"{head}: answered (ok){took}")
+            elif answer.status == "failed":
+                code = EXIT_FAILED
+                if not json_mode:
+                    print(f"{head}: failed again with {answer.error}: {answer.message}")
+                report_error(
+                    answer.error or ErrorCode.WORKER_ERROR.name,
+                    f"the replayed job failed again: {answer.message}",
+                    json_mode=json_mode,
+                    code=answer.code,
+                    model=job.model,
+                    job_id=job.job_id,
+                )
+            else:
+                code = EXIT_FAILED
+                waited = f"{outcome.waited_s:g}s" if outcome.waited_s is not None else "the wait"
+                if not json_mode:
+                    print(f"{head}: no answer within {waited}")
+                report_error(
+                    ErrorCode.WORKER_TIMEOUT.name,
+                    f"the replayed job did not answer within {waited} (its {timeout:g}s "
+                    f"deadline and {WAIT_GRACE_S:g}s more); it may still be queued or running, "
+                    f"or have died again into {names.errors}",
+                    json_mode=json_mode,
+                    code=int(ErrorCode.WORKER_TIMEOUT),
+                    model=job.model,
+                    job_id=job.job_id,
+                )
+        records.append(record)
+    for refused in outcome.failed:
+        report_error(
+            refused.error,
+            f"not replayed, left in {names.errors}: {refused.message}",
+            json_mode=json_mode,
+            model=refused.job.model,
+            job_id=refused.job.job_id,
+        )
+    if json_mode:
+        document = {
+            "queue": names.errors,
+            "exchange": names.jobs,
+            "deadline_s": timeout,
+            "waited_s": outcome.waited_s,
+            "removed": outcome.removed,
+            "replayed": records,
+            "not_replayed": [
+                {
+                    "job_id": r.job.job_id,
+                    "model": r.job.model,
+                    "error": r.error,
+                    "message": r.message,
+                }
+                for r in outcome.failed
+            ],
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        summary = (
+            f"{len(outcome.replayed)} job(s) replayed to {names.jobs} with a {timeout:g}s "
+            f"deadline; {outcome.removed} copy(ies) removed from {names.errors}"
+        )
+        if outcome.failed:
+            summary += f"; {len(outcome.failed)} not replayed, left there"
+        if args.wait:
+            statuses = [a.status for a in outcome.answers.values()]
+            summary += (
+                f"; answered ok {statuses.count('ok')}, failed again "
+                f"{statuses.count('failed')}, no answer {statuses.count('no_answer')}"
+            )
+        print(summary)
+    return code
+
+
+async def _run_purge(
+    settings: Settings, args: argparse.Namespace, selection: Selection, json_mode: bool
+) -> int:
+    names = Names(settings.namespace)
+    confirm: Callable[[list[DeadJob]], bool | Awaitable[bool]] | None = None
+    if not args.yes:
+        if not sys.stdin.isatty():
+            return _usage(
+                "errors purge: stdin is not a terminal to confirm on; pass --yes", json_mode
+            )
+        confirm = _confirm_on_tty
+    asked: list[int] = []
+
+    def counted(jobs: list[DeadJob]) -> bool | Awaitable[bool]:
+        asked.append(len(jobs))
+        assert confirm is not None
+        return confirm(jobs)
+
+    purged = await purge_errors(
+        settings, selection, confirm=counted if confirm else None, max_scan=args.max_scan
+    )
+    if not purged and not asked:
+        return _nothing_matched(names, json_mode)
+    if json_mode:
+        jobs = [{"job_id": j.job_id, "model": j.model, "reason": j.reason} for j in purged]
+        print(json.dumps({"queue": names.errors, "purged": jobs}, indent=2))
+    else:
+        for job in purged:
+            print(f"purged {job.job_id} (model {job.model}, {job.reason})")
+        print(f"{len(purged)} job copy(ies) purged from {names.errors}")
+    return EXIT_OK if purged else EXIT_FAILED  # declined at the prompt: nothing done

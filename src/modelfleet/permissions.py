@@ -41,12 +41,13 @@ import secrets
 import shlex
 import string
 import subprocess
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from modelfleet.config import Settings
+from modelfleet.console import BROKER_ERROR, USAGE, report_error
 
 __all__ = [
     "ROLES",
@@ -253,7 +254,7 @@ def apply_grants(
 
 
 def add_permissions_parser(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    commands: argparse._SubParsersAction[Any],
     common: argparse.ArgumentParser,
 ) -> None:
     """``modelfleet permissions`` (called by :mod:`modelfleet.cli`)."""
@@ -284,7 +285,7 @@ def run_permissions(settings: Settings, args: argparse.Namespace) -> int:
     try:
         plan = grants(settings.namespace, args.prefix)
     except ValueError as exc:
-        print(f"modelfleet: --prefix: {exc}", file=sys.stderr)
+        report_error(USAGE, f"--prefix: {exc}", json_mode=getattr(args, "json", False))
         return 2
     vhost = args.vhost or vhost_of(settings.amqp.url)
     passwords = passwords_for()
@@ -310,6 +311,10 @@ def run_permissions(settings: Settings, args: argparse.Namespace) -> int:
             echo=lambda line: print(f"applied: {line}", flush=True),
         )
     except ApplyError as exc:
-        print(f"modelfleet: permissions --apply failed: {exc}", file=sys.stderr)
-        return 1
+        report_error(
+            BROKER_ERROR,
+            f"permissions --apply failed: {exc}",
+            json_mode=getattr(args, "json", False),
+        )
+        return 3
     return 0

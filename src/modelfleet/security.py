@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -57,6 +58,20 @@ def heartbeat_sender_allowed(user_id: str | None, allowed: Collection[str]) -> b
     return user_id is not None and user_id in allowed
 
 
+# Hosts already warned about (once per process, not once per connection).
+_WARNED_PLAIN: set[str] = set()
+
+
+def is_loopback(host: str | None) -> bool:
+    """Is ``host`` this machine (where an unencrypted connection crosses no network)?"""
+    if not host or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def ssl_context(amqp: AmqpSettings, url: str | None = None) -> ssl.SSLContext | None:
     """The TLS context for ``url`` (default ``amqp.url``): None for ``amqp://``.
 
@@ -72,6 +87,13 @@ def ssl_context(amqp: AmqpSettings, url: str | None = None) -> ssl.SSLContext | 
             log.warning(
                 "amqp.ca_file/cert_file/key_file are set but %s is not an amqps:// URL: "
                 "the connection is NOT encrypted",
+                parts.hostname,
+            )
+        elif not is_loopback(parts.hostname) and parts.hostname not in _WARNED_PLAIN:
+            _WARNED_PLAIN.add(parts.hostname or "")
+            log.warning(
+                "the connection to RabbitMQ at %s is NOT encrypted (amqp://): passwords and jobs "
+                "cross the network in clear; use an amqps:// URL (README, Security)",
                 parts.hostname,
             )
         return None

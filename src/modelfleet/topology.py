@@ -24,6 +24,7 @@ controllers and clients each declare what they use, in any order.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,7 @@ REASON_HEADER = "x-mf-reason"
 ERROR_HEADER = "x-mf-error"
 MODEL_HEADER = "x-mf-model"
 DEADLINE_HEADER = "x-mf-deadline"  # the producer's deadline, integer epoch milliseconds
+DIED_AT_HEADER = "x-mf-died-at"  # when modelfleet dead-lettered it, integer epoch milliseconds
 
 
 class DeadReason:
@@ -379,6 +381,8 @@ def dead_copy(
     in the error queue the way the job would have in its model queue."""
     headers: dict[str, Any] = dict(message.headers or {})
     headers.update({REASON_HEADER: reason, ERROR_HEADER: error[:1000], MODEL_HEADER: model})
+    # Integer milliseconds: an AMQP table carries a float as 32 bits (seconds would round).
+    headers[DIED_AT_HEADER] = round(time.time() * 1000)
     return aio_pika.Message(
         message.body,
         headers=headers,

@@ -73,7 +73,7 @@ from modelfleet import __version__
 from modelfleet.acks import AckBatcher
 from modelfleet.addressing import is_direct_reply_to
 from modelfleet.cancel import JobCancelled, JobCanceller
-from modelfleet.config import Settings
+from modelfleet.config import Settings, load_settings
 from modelfleet.connections import connect
 from modelfleet.errors import ErrorCode, InvalidJobError, JobError
 from modelfleet.jobs import Final, Job
@@ -87,6 +87,7 @@ from modelfleet.messages import (
     WorkerState,
     check_model_name,
 )
+from modelfleet.presence import ControllerWatch, QueueLooks, unserved_worker_text
 from modelfleet.publishing import publish_on, reply_properties
 from modelfleet.security import amqp_user, declare_where_allowed
 from modelfleet.stats import Outcome, WorkerStats
@@ -120,6 +121,9 @@ IDLE_RENEW_MAX_S = 8.0
 # The consumer watch binds the control queue again every this many looks (heartbeat
 # intervals): bindings die with their exchange, and a lost one would drop cancels silently.
 REBIND_CONTROL_EVERY = 10
+# The worker warns when no controller has consumed {ns}.unroutable for this many heartbeat
+# intervals (a controller restart takes less; the warning then repeats once a minute).
+NO_CONTROLLER_WARN_LOOKS = 3
 # Set-up attempts when the broker closes the connection during it (see Worker.start).
 _START_ATTEMPTS = 5
 # Dead-letter reason of a job whose handler raised a JobError with this code.
@@ -331,7 +335,9 @@ class Worker:
 
     Keywords:
         settings: all tunables (``worker.*``, ``heartbeat.*``, ``amqp.*``, ``namespace``);
-            defaults when omitted.
+            when omitted, :func:`~modelfleet.config.load_settings` reads them as the commands
+            do (``MODELFLEET_*`` environment, ``$MODELFLEET_CONFIG`` or
+            ``./config/settings.toml``).
         url: AMQP URL, overrides ``settings.amqp.url``.
         namespace: overrides ``settings.namespace``.
         concurrency: jobs at once, overrides ``settings.worker.concurrency``.
@@ -360,7 +366,8 @@ class Worker:
         install_signal_handlers: bool = True,
         on_stuck: Callable[[], None] | None = None,
     ) -> None:
-        self.settings = settings or Settings()
+        # No settings: the same sources the commands read (environment, settings file).
+        self.settings = settings if settings is not None else load_settings()
         self.models: tuple[str, ...] = tuple(dict.fromkeys(check_model_name(m) for m in models))
         if not self.models:
             raise ValueError("a worker needs at least one model")
@@ -420,6 +427,11 @@ class Worker:
         self._subscribing = asyncio.Lock()
         self._watch_task: asyncio.Task[None] | None = None
         self._watching = False  # the watch is inside a look (it may be in an RPC)
+        # Whether a controller consumes {ns}.unroutable (modelfleet.presence): without one,
+        # the model queues stay unbound and the log says so.
+        self.controllers = ControllerWatch(remember_s=0.0)
+        self._looks: QueueLooks | None = None
+        self._warned_unserved = False
         self._dead_exchange: AbstractExchange | None = None
         self._consumers: list[_Consumer] = []
         self._hb_task: asyncio.Task[None] | None = None
@@ -833,11 +845,41 @@ class Worker:
             try:
                 if not await self._watch_consumers():
                     return
+                await self._look_for_controller()
                 looks += 1
                 if looks % REBIND_CONTROL_EVERY == 0:
                     await self._rebind_control()
             finally:
                 self._watching = False
+
+    async def _look_for_controller(self) -> None:
+        """Warn when no controller has served the namespace for NO_CONTROLLER_WARN_LOOKS
+        heartbeat intervals (at most once a minute); say so when one comes back."""
+        connection = self._connection
+        if connection is None or not connection.connected.is_set():
+            return
+        if self._looks is None:
+            self._looks = QueueLooks(connection, max_age_s=0.0)
+        consumers = await self._looks.consumers(self.names.unroutable)
+        if consumers == QueueLooks.UNKNOWN:
+            return
+        now = time.monotonic()
+        self.controllers.saw(consumers, now)
+        if consumers and self._warned_unserved:
+            self._warned_unserved = False
+            log.info(
+                "worker %s: a controller serves namespace %s again", self.worker_id, self.names.ns
+            )
+            return
+        absent_s = self.controllers.absent_for(now)
+        limit = NO_CONTROLLER_WARN_LOOKS * self.settings.heartbeat.interval_s
+        if absent_s >= limit and self._time_to_log("no_controller"):
+            self._warned_unserved = True
+            log.warning(
+                "worker %s: %s (logged at most once a minute)",
+                self.worker_id,
+                unserved_worker_text(self.names, list(self.models), absent_s),
+            )
 
     async def _rebind_control(self) -> None:
         """Bind the control queue again: a ``{ns}.control`` deleted and declared again has lost
@@ -1477,12 +1519,19 @@ class Worker:
     ) -> None:
         """Error reply to the producer, copy to the error queue with the reason, then ack."""
         if self._time_to_log(failure.cause):
+            # "reason" is the error queue's word; the cause, when finer, follows it.
+            why = (
+                failure.reason
+                if failure.cause == failure.reason
+                else (f"{failure.reason}, {failure.cause}")
+            )
             log.warning(
-                "job %s (%s) failed: %s (%s): %s (logged at most once a minute per cause)",
+                "job %s for model %s failed with %s (%s): %s (logged at most once a minute "
+                "per cause)",
                 job_id,
                 model,
-                failure.reason,
-                failure.cause,
+                failure.code.name,
+                why,
                 failure.message,
             )
         try:

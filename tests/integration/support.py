@@ -8,6 +8,7 @@ sees what really travelled: the heartbeats on ``{ns}.heartbeats``, the copies in
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,7 @@ from aio_pika.abc import (
 from modelfleet.client import Client
 from modelfleet.config import Settings
 from modelfleet.controller import Controller
+from modelfleet.jobs import Job
 from modelfleet.messages import ChunkReply, ErrorReply, Heartbeat, ResultReply, parse_reply
 from modelfleet.topology import Topology
 from modelfleet.worker import Handler, Worker
@@ -242,3 +244,25 @@ async def fleet(
         client = await stack.enter_async_context(Client(settings))
         await wait_routable(controller, model)
         yield Fleet(controller, worker, client)
+
+
+class Holding:
+    """A handler that holds each job until released; records who started, finished and was
+    cancelled. Its result is the payload (``wrap``: ``{"done": payload}``)."""
+
+    def __init__(self, *, wrap: bool = False) -> None:
+        self.started: list[str] = []
+        self.finished: list[str] = []
+        self.cancelled: list[str] = []
+        self.release = asyncio.Event()
+        self._wrap = wrap
+
+    async def __call__(self, job: Job) -> Any:
+        self.started.append(job.job_id)
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(job.job_id)
+            raise
+        self.finished.append(job.job_id)
+        return {"done": job.payload} if self._wrap else job.payload

@@ -168,7 +168,8 @@ async def test_a_slow_handler_times_out(ns: Namespace, amqp_url: str) -> None:
 
 async def test_a_job_whose_producer_gave_up_is_never_run(ns: Namespace, amqp_url: str) -> None:
     model = ns.model()
-    settings = ns.settings()
+    # Queues bound by hand, no controller: the job must be published, not failed at once.
+    settings = ns.settings(client={"fail_fast_without_controller": False})
     topology = Topology(ns.names, settings.routing, settings.heartbeat)
     ran: list[Any] = []
 
@@ -199,7 +200,10 @@ async def test_a_job_whose_producer_gave_up_is_never_run(ns: Namespace, amqp_url
 
 async def test_a_full_model_queue_is_overloaded(ns: Namespace, amqp_url: str) -> None:
     model = ns.model()
-    settings = ns.settings(routing={"max_queue_length": 2})
+    settings = ns.settings(
+        routing={"max_queue_length": 2},
+        client={"fail_fast_without_controller": False},  # bound by hand, no controller
+    )
     topology = Topology(ns.names, settings.routing, settings.heartbeat)
     async with AsyncExitStack() as stack:
         connection = await stack.enter_async_context(broker(amqp_url))
@@ -290,7 +294,7 @@ async def test_a_payload_that_is_not_json_is_an_invalid_job(
 async def test_job_messages_carry_their_identity_and_deadline(ns: Namespace, amqp_url: str) -> None:
     """What a job looks like on the wire: id, reply-to, TTL = timeout, persistent, JSON."""
     model = ns.model()
-    settings = ns.settings()
+    settings = ns.settings(client={"fail_fast_without_controller": False})  # bound by hand
     topology = Topology(ns.names, settings.routing, settings.heartbeat)
     async with AsyncExitStack() as stack:
         connection = await stack.enter_async_context(broker(amqp_url))

@@ -21,13 +21,14 @@ import pytest
 from modelfleet.cancel import cancel_body
 from modelfleet.client import Client
 from modelfleet.config import Settings
+from modelfleet.controller import Controller
 from modelfleet.errors import BrokerError, ConnectionLostError, JobCancelledError
 from modelfleet.jobs import Job
 from modelfleet.topology import Topology, json_message
 from modelfleet.worker import Handler, Worker
 from tests.conftest import Namespace
 from tests.helpers import wait_for
-from tests.integration.support import broker, ready_count
+from tests.integration.support import Holding, broker, ready_count, wait_routable
 
 
 def _rabbitmqctl() -> str:
@@ -57,24 +58,6 @@ def _named(ns: Namespace, **overrides: Any) -> tuple[Settings, str]:
 
 async def echo(job: Job) -> Any:
     return job.payload
-
-
-class Holding:
-    """A handler that holds each job until released, and records what happened to it."""
-
-    def __init__(self) -> None:
-        self.started: list[str] = []
-        self.cancelled: list[str] = []
-        self.release = asyncio.Event()
-
-    async def __call__(self, job: Job) -> Any:
-        self.started.append(job.job_id)
-        try:
-            await self.release.wait()
-        except asyncio.CancelledError:
-            self.cancelled.append(job.job_id)
-            raise
-        return job.payload
 
 
 def worker(handler: Handler, model: str, settings: Settings, concurrency: int = 4) -> Worker:
@@ -175,7 +158,10 @@ async def test_a_publish_the_broker_refuses_fails_at_once_and_is_not_retried(
         )
         url = amqp_url.replace("guest:guest@", f"{user}:{password}@")
         assert url != amqp_url
-        client = await stack.enter_async_context(Client(ns.settings(amqp={"url": url})))
+        # Bound by hand, no controller: the publish itself must be what fails.
+        client = await stack.enter_async_context(
+            Client(ns.settings(amqp={"url": url}, client={"fail_fast_without_controller": False}))
+        )
         assert client._channel is not None
         closes: list[object] = []
         client._channel.close_callbacks.add(lambda *args: closes.append(args))
@@ -242,7 +228,8 @@ async def test_a_channel_left_closed_with_the_connection_up_is_reopened(
 
 async def test_a_closed_client_fails_at_once(ns: Namespace) -> None:
     model = ns.model()
-    settings = ns.settings()
+    # No controller: the job must wait for the channel, not fail at once with NO_WORKER.
+    settings = ns.settings(client={"fail_fast_without_controller": False})
     client = Client(settings)
     await client.connect()
     # A submit waiting for the channel while the client closes...
@@ -309,3 +296,24 @@ async def test_a_flood_of_forged_cancels_does_not_stop_the_owners_cancel(
 
 async def _consumed(connection: Any, queue: str) -> bool:
     return await ready_count(connection, queue) == 0
+
+
+async def test_closing_a_client_cancels_its_unanswered_jobs_on_the_workers(
+    ns: Namespace,
+) -> None:
+    model = ns.model()
+    handler = Holding()
+    settings = ns.settings()
+    async with AsyncExitStack() as stack:
+        controller = await stack.enter_async_context(Controller(settings))
+        await stack.enter_async_context(worker(handler, model, settings))
+        await wait_routable(controller, model)
+        client = Client(settings)
+        await client.connect()
+        waiting = asyncio.create_task(client.submit(model, "held", timeout=30))
+        await wait_for(lambda: len(handler.started) == 1, what="the job running")
+        await client.close()
+        with pytest.raises(BrokerError, match="closed"):
+            await waiting
+        # Nobody can read its answer any more: its handler is stopped, not left to its deadline.
+        await wait_for(lambda: handler.cancelled == handler.started, what="the handler cancelled")

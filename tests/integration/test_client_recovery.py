@@ -34,7 +34,7 @@ from modelfleet.topology import Topology, json_message
 from modelfleet.worker import Handler, Worker
 from tests.conftest import Namespace
 from tests.helpers import wait_for
-from tests.integration.support import broker, ready_count
+from tests.integration.support import Holding, broker, ready_count
 
 
 def _rabbitmqctl() -> str:
@@ -289,29 +289,9 @@ async def test_a_stream_restarted_on_another_worker_ends_with_stream_restarted(
 # -- item 7: only a job's producer can cancel it ------------------------------------------------
 
 
-class Holding:
-    """Runs until released; records who ran, finished, was cancelled."""
-
-    def __init__(self) -> None:
-        self.started: list[str] = []
-        self.finished: list[str] = []
-        self.cancelled: list[str] = []
-        self.release = asyncio.Event()
-
-    async def __call__(self, job: Job) -> Any:
-        self.started.append(job.job_id)
-        try:
-            await self.release.wait()
-        except asyncio.CancelledError:
-            self.cancelled.append(job.job_id)
-            raise
-        self.finished.append(job.job_id)
-        return {"done": job.payload}
-
-
 async def test_only_the_producer_of_a_job_can_cancel_it(ns: Namespace, amqp_url: str) -> None:
     model = ns.model()
-    handler = Holding()
+    handler = Holding(wrap=True)
     settings = ns.settings()
     async with AsyncExitStack() as stack:
         running = await stack.enter_async_context(worker(handler, model, settings, "w1"))
@@ -356,7 +336,7 @@ async def test_cancels_reach_the_worker_again_after_the_control_exchange_comes_b
     worker's control queue unbound, and cancels would be dropped without a word. The worker
     binds it again within REBIND_CONTROL_EVERY heartbeat intervals."""
     model = ns.model()
-    handler = Holding()
+    handler = Holding(wrap=True)
     settings = ns.settings(heartbeat={"interval_s": 0.2, "timeout_s": 1.0})
     async with AsyncExitStack() as stack:
         running = await stack.enter_async_context(worker(handler, model, settings, "w1"))

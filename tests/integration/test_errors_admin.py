@@ -85,8 +85,9 @@ async def dead_letter(
     return job_id
 
 
-async def rejected_by_broker(ns: Namespace, model: str) -> str:
-    """A job the broker itself dead-letters (x-death, reason rejected, no x-mf-* headers)."""
+async def rejected_by_broker(ns: Namespace, model: str, *, sent_age_s: float = 0.0) -> str:
+    """A job the broker itself dead-letters now (x-death, reason rejected, no x-mf-* headers);
+    ``sent_age_s``: how long ago the job was sent (its message timestamp)."""
     job_id = uuid.uuid4().hex
     async with broker(ns.amqp_url) as connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -95,7 +96,7 @@ async def rejected_by_broker(ns: Namespace, model: str) -> str:
         queue = await topology.declare_model_queue(channel, model)
         body = JobRequest(model=model, payload="x").model_dump_json().encode()
         await channel.default_exchange.publish(
-            aio_pika.Message(body, message_id=job_id, timestamp=time.time()),
+            aio_pika.Message(body, message_id=job_id, timestamp=time.time() - sent_age_s),
             routing_key=queue.name,
         )
         message = await queue.get(no_ack=False, timeout=5)
@@ -155,6 +156,14 @@ def run(ns: Namespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Cl
     return Cli(config_file(tmp_path, ns.settings()), capsys)
 
 
+def error_of(err: str) -> dict[str, Any]:
+    """The failure a command printed last on stderr: one JSON object (stderr is no terminal)."""
+    lines = [line for line in err.splitlines() if line.startswith("{")]
+    assert lines, f"no JSON failure line on stderr: {err!r}"
+    document: dict[str, Any] = json.loads(lines[-1])
+    return document
+
+
 # --- list ---------------------------------------------------------------------------------------
 
 
@@ -164,14 +173,16 @@ async def test_list_shows_models_reasons_ages_and_leaves_the_queue_intact(
     llama, mistral = ns.model("llama"), ns.model("mistral")
     a = await dead_letter(ns, model=llama, reason="no_worker", error="no worker serves it",
                           age_s=90)  # fmt: skip
-    b = await dead_letter(ns, model=mistral, reason="worker_error", error="handler raised X")
-    c = await dead_letter(ns, model=llama, reason="worker_error", error="handler raised Y")
+    b = await dead_letter(ns, model=mistral, reason="worker_error", error="handler raised X",
+                          age_s=60)  # fmt: skip
+    c = await dead_letter(ns, model=llama, reason="worker_error", error="handler raised Y",
+                          age_s=30)  # fmt: skip
     d = await rejected_by_broker(ns, mistral)
     await wait_errors(ns, 4)
     settings = ns.settings()
 
     jobs, errors = await list_errors(settings)
-    assert [j.job_id for j in jobs] == [a, b, c, d]
+    assert [j.job_id for j in jobs] == [a, b, c, d]  # oldest death first
     assert errors.in_queue == 4
     by_id = {j.job_id: j for j in jobs}
     assert (by_id[a].model, by_id[a].reason, by_id[a].error) == (
@@ -184,12 +195,12 @@ async def test_list_shows_models_reasons_ages_and_leaves_the_queue_intact(
     # The broker's own dead-lettering: reason from x-death, model from the routing key.
     assert (by_id[d].model, by_id[d].reason) == (mistral, "rejected")
     assert ns.names.model_queue(mistral) in by_id[d].error
+    assert all(j.replayed == 0 for j in jobs)
 
-    # Nothing was consumed, the order holds, and each listing counts as one hand-back.
+    # Nothing was consumed, and listing again lists the same jobs the same way.
     await expect_errors(ns, 4)
     again, _ = await list_errors(settings)
-    assert [j.job_id for j in again] == [a, b, c, d]
-    assert all(j.returned == 1 for j in again)
+    assert [j.summary(0) for j in again] == [j.summary(0) for j in jobs]
 
     # Filters and limit.
     only_llama, _ = await list_errors(settings, Selection(model=llama))
@@ -205,24 +216,28 @@ async def test_list_shows_models_reasons_ages_and_leaves_the_queue_intact(
     code, out, _ = await run("errors", "list")
     assert code == 0
     header, *rows = out.splitlines()
-    assert header.split() == ["JOB_ID", "MODEL", "REASON", "AGE", "RETURNED", "ERROR"]
+    assert header.split() == ["JOB_ID", "MODEL", "REASON", "AGE", "REPLAYED", "ERROR"]
     assert rows[0].split()[:3] == [a, llama, "no_worker"]
     assert "handler raised X" in rows[1]
-    assert f"4 shown of 4 matching; 4 in {ns.names.errors}" in out
+    assert f"4 shown of 4 matching, by time of death, oldest first; 4 in {ns.names.errors}" in out
     code, out, _ = await run("errors", "list", "--json", "--reason", "worker_error", "--limit", "1")
     assert code == 0
     document = json.loads(out)
     assert document["queue"] == ns.names.errors
+    assert document["order"] == "oldest_first"
     assert [j["job_id"] for j in document["jobs"]] == [b]
     assert document["matched"] == 2
     assert document["jobs"][0]["model"] == mistral
     await expect_errors(ns, 4)
 
 
-async def test_listing_a_namespace_without_an_error_queue_says_so(run: Cli) -> None:
+async def test_listing_a_namespace_without_an_error_queue_says_so(ns: Namespace, run: Cli) -> None:
     code, _, err = await run("errors", "list")
-    assert code == cli.EXIT_UNREACHABLE
-    assert "there is no error queue" in err
+    assert code == 1
+    failure = error_of(err)
+    assert failure["error"] == "NOT_FOUND"
+    assert failure["namespace"] == ns.name
+    assert f"namespace {ns.name!r} has no error queue {ns.names.errors!r}" in failure["message"]
 
 
 # --- show ---------------------------------------------------------------------------------------
@@ -256,11 +271,16 @@ async def test_show_prints_everything_about_one_job(ns: Namespace, run: Cli) -> 
     assert "x-mf-error" in out and "handler raised Boom" in out
     assert '"prompt": "hello"' in out  # the body, pretty-printed
     assert other not in out
+    # Read twice now: the broker counted it, and show does not pass that off as the job's.
+    assert "x-delivery-count" not in out
     code, out, _ = await run("errors", "show", job, "--json")
     assert json.loads(out)[0]["body"]["model"] == model
 
     code, _, err = await run("errors", "show", "no-such-job")
-    assert code == 1 and "no job 'no-such-job'" in err
+    assert code == 1
+    failure = error_of(err)
+    assert failure["error"] == "NOT_FOUND"
+    assert f"no job id in {ns.names.errors} starts with 'no-such-job'" in failure["message"]
     await expect_errors(ns, 2)
 
 
@@ -311,7 +331,10 @@ async def test_replay_makes_a_live_worker_run_the_job_and_removes_it(
     handler.broken = False
     code, out, _ = await run("errors", "replay", failed[0], "--timeout", "30")
     assert code == 0, out
-    assert f"replayed {failed[0]} to model {model} (was worker_error)" in out
+    assert (
+        f"replayed {failed[0]} to model {model} as job {failed[0]} (was worker_error); "
+        "its answer goes nowhere: the original producer is gone"
+    ) in out
     await wait_for(lambda: handler.ran == [(failed[0], "first")], what="the replayed job to run")
 
     remaining, _ = await list_errors(settings)
@@ -327,10 +350,11 @@ async def test_replay_makes_a_live_worker_run_the_job_and_removes_it(
 
     # Nothing matches: says so.
     code, _, err = await run("errors", "replay", "--all", "--model", model)
-    assert code == 1 and "no job" in err
+    assert code == 1 and error_of(err)["error"] == "NOT_FOUND"
+    assert f"no job in {ns.names.errors} matched" in error_of(err)["message"]
     # No selection at all is a usage error.
     code, _, err = await run("errors", "replay")
-    assert code == 2 and "--all" in err
+    assert code == 2 and error_of(err)["error"] == "USAGE" and "--all" in err
 
 
 async def test_replay_keep_reply_to_answers_the_original_producer(
@@ -406,11 +430,11 @@ async def test_replay_publishes_a_job_once_and_removes_every_copy(ns: Namespace)
 
 async def test_purge_removes_only_the_chosen_jobs(ns: Namespace, run: Cli) -> None:
     m1, m2 = ns.model(), ns.model()
-    a = await dead_letter(ns, model=m1, reason="no_worker", error="a")
-    b = await dead_letter(ns, model=m1, reason="worker_error", error="b")
-    c = await dead_letter(ns, model=m2, reason="worker_error", error="c")
-    d = await dead_letter(ns, model=m2, reason="expired", error="d")
-    e = await dead_letter(ns, model=m2, reason="expired", error="e")
+    a = await dead_letter(ns, model=m1, reason="no_worker", error="a", age_s=50)
+    b = await dead_letter(ns, model=m1, reason="worker_error", error="b", age_s=40)
+    c = await dead_letter(ns, model=m2, reason="worker_error", error="c", age_s=30)
+    d = await dead_letter(ns, model=m2, reason="expired", error="d", age_s=20)
+    e = await dead_letter(ns, model=m2, reason="expired", error="e", age_s=10)
     await wait_errors(ns, 5)
 
     def ids(jobs: list[Any]) -> list[str]:
@@ -445,8 +469,8 @@ async def test_purge_removes_only_the_chosen_jobs(ns: Namespace, run: Cli) -> No
     code, out, _ = await run("errors", "purge", "--all", "--reason", "expired", "--yes")
     assert code == 0 and f"purged {d}" in out and f"purged {e}" in out
     assert ids((await list_errors(ns.settings()))[0]) == [b]
-    code, _, _ = await run("errors", "purge", "nothing-like-this", "--yes")
-    assert code == 1
+    code, _, err = await run("errors", "purge", "nothing-like-this", "--yes")
+    assert code == 1 and error_of(err)["error"] == "NOT_FOUND"
     await expect_errors(ns, 1)
 
     async def accept(jobs: list[Any]) -> bool:  # a confirmation may be asynchronous

@@ -319,6 +319,34 @@ async def test_least_privileged_clients_need_a_controller_first(
     assert worker._connection is None  # the failed start closed its connection itself
 
 
+async def test_least_privileged_users_can_tell_that_no_controller_serves_the_namespace(
+    ns: Namespace, users: Users
+) -> None:
+    """The producer's and worker's look at ``{ns}.unroutable`` (a passive declaration) works with
+    the permissions their roles get: a producer fails a job at once with a named NO_WORKER,
+    and a worker sees the missing controller (it logs why its queue stays unbound)."""
+    model = ns.model()
+    # A controller declares the namespace, then stops: nobody serves it any more.
+    async with Controller(ns.settings(amqp={"url": users.url("controller")})):
+        pass
+    worker = Worker(
+        echo,
+        [model],
+        settings=ns.settings(amqp={"url": users.url("worker")}),
+        install_signal_handlers=False,
+    )
+    async with worker, Client(ns.settings(amqp={"url": users.url("producer")})) as client:
+        began = time.monotonic()
+        with pytest.raises(NoWorkerError, match="no controller serves namespace") as caught:
+            await client.submit(ns.model("nobody"), {}, timeout=30)
+        assert time.monotonic() - began < 5, "failed at once, not at its 30 s deadline"
+        assert repr(ns.name) in str(caught.value)
+        await wait_for(
+            lambda: worker.controllers.absent_since is not None,
+            what="the worker's look finding no controller",
+        )
+
+
 # --- heartbeat user_id --------------------------------------------------------------------------
 
 

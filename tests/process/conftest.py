@@ -41,13 +41,14 @@ class Fleet:
     def status_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, *args: str, cwd: Path | None = None) -> subprocess.Popen[bytes]:
         with (self.logs / f"{name}-{len(self.procs)}.log").open("wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "modelfleet", *args],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                cwd=cwd,
             )
         self.procs.append(proc)
         return proc

@@ -39,8 +39,13 @@ async def test_submit_prints_result_and_stream(ns: Namespace, fleet: Fleet) -> N
     )
     assert streamed.returncode == 0, streamed.stderr
     lines = [json.loads(line) for line in streamed.stdout.splitlines()]
-    assert lines[:-1] == [{"text": "hello"}, {"text": " streaming"}, {"text": " world"}]
-    assert lines[-1] == {"text": "hello streaming world", "words": 3}
+    # Each chunk is marked as one, and the final result as the result.
+    assert lines[:-1] == [
+        {"chunk": {"text": "hello"}},
+        {"chunk": {"text": " streaming"}},
+        {"chunk": {"text": " world"}},
+    ]
+    assert lines[-1] == {"result": {"text": "hello streaming world", "words": 3}}
 
 
 async def test_submit_errors_exit_nonzero_with_json_code(ns: Namespace, fleet: Fleet) -> None:
@@ -94,7 +99,7 @@ def test_status_without_controller_says_so(ns: Namespace, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(
-    "command", ["controller", "worker --model m", "submit --model m", "status", "demo"]
+    "command", ["controller", "worker --model m", "submit --model m {}", "status", "demo"]
 )
 def test_every_command_takes_config_and_reports_bad_settings(
     ns: Namespace, tmp_path: Path, command: str
@@ -133,10 +138,10 @@ def test_config_file_selects_namespace(ns: Namespace, tmp_path: Path) -> None:
     fleet = Fleet(ns, tmp_path)
     del fleet.env["MODELFLEET_NAMESPACE"]
     done = fleet.run_cli("submit", "--config", str(config), "--model", ns.model("ghost"), "{}")
-    # No controller runs in this namespace: the job waits for its 3 s deadline (from the file).
+    # No controller runs in the file's namespace: the job fails at once, naming it.
     assert done.returncode == 1
     error = parse_json_line(done.stderr)
-    assert error["code"] == 50006 and "3s" in error["message"]
+    assert error["code"] == 50005 and f"namespace {ns.name!r}" in error["message"]
 
 
 def test_demo_runs_and_exits_zero(ns: Namespace, tmp_path: Path) -> None:
