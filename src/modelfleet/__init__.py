@@ -4,6 +4,11 @@ The public API is what ``__all__`` lists; everything else is private and may cha
 
 >>> async with Client(url="amqp://guest:guest@127.0.0.1/") as client:
 ...     print(await client.submit("llama", {"prompt": "hello"}, timeout=30))
+
+Without an event loop (scripts, notebooks, WSGI apps), the blocking, thread-safe client:
+
+>>> with SyncClient(url="amqp://guest:guest@127.0.0.1/") as client:
+...     print(client.submit("llama", {"prompt": "hello"}, timeout=30))
 """
 
 __version__ = "0.1.0"
@@ -28,6 +33,7 @@ from modelfleet.errors import (
     WorkerError,
 )
 from modelfleet.jobs import Final, Job
+from modelfleet.sync_client import SyncClient
 from modelfleet.worker import Worker
 
 __all__ = [
@@ -50,6 +56,7 @@ __all__ = [
     "OverloadedError",
     "Settings",
     "StreamRestartedError",
+    "SyncClient",
     "Worker",
     "WorkerError",
     "__version__",

@@ -26,6 +26,7 @@ PUBLIC = [
     "OverloadedError",
     "Settings",
     "StreamRestartedError",
+    "SyncClient",
     "Worker",
     "WorkerError",
     "__version__",
