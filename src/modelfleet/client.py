@@ -47,7 +47,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 
@@ -544,30 +544,34 @@ class Client:
 
     async def _unanswerable(self, model: str) -> str | None:
         """Why nothing in the namespace can answer a job for ``model`` now (no controller,
-        none for a while, and no worker on the model's queue); None when something may."""
+        none for a while, and no worker on the model's queue); None when something may.
+        Looks reused for a second decide only that all is well: a job is failed only on
+        looks taken now (a controller that just started is not missed)."""
         looks = self._looks
         if looks is None:
             return None
-        controllers = await looks.consumers(self.names.unroutable)
-        if controllers == QueueLooks.UNKNOWN:
-            return None
-        now = time.monotonic()
-        self.controllers.saw(controllers, now)
-        if not self.controllers.gone(now):
-            return None
-        workers = await looks.consumers(self.names.model_queue(model))
-        if workers == QueueLooks.UNKNOWN:
-            return None
-        if workers:
-            if now - self._warned_no_controller_at > _WATCHDOG_LOG_EVERY_S:
-                self._warned_no_controller_at = now
-                log.warning(
-                    "no controller serves namespace %r (nothing consumes %r): a job for a "
-                    "model whose queue no controller has bound waits for one until its deadline",
-                    self.names.ns,
-                    self.names.unroutable,
-                )
-            return None
+        for fresh in (False, True):
+            controllers = await looks.consumers(self.names.unroutable, fresh=fresh)
+            if controllers == QueueLooks.UNKNOWN:
+                return None
+            now = time.monotonic()
+            self.controllers.saw(controllers, now)
+            if not self.controllers.gone(now):
+                return None
+            workers = await looks.consumers(self.names.model_queue(model), fresh=fresh)
+            if workers == QueueLooks.UNKNOWN:
+                return None
+            if workers:
+                if now - self._warned_no_controller_at > _WATCHDOG_LOG_EVERY_S:
+                    self._warned_no_controller_at = now
+                    log.warning(
+                        "no controller serves namespace %r (nothing consumes %r): a job for a "
+                        "model whose queue no controller has bound waits for one until its "
+                        "deadline",
+                        self.names.ns,
+                        self.names.unroutable,
+                    )
+                return None
         return no_controller_text(self.names, model, unroutable_exists=controllers is not None)
 
     def no_controller_note(self) -> str:
@@ -619,8 +623,18 @@ class Client:
         body = self._encode(model, payload, time.time() + timeout, stream)
         return _Job(self, model, job_id_for(key), key, body, timeout, deadline)
 
-    async def submit(self, model: str, payload: Any = None, *, timeout: float | None = None) -> Any:
+    async def submit(
+        self,
+        model: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        on_job_id: Callable[[str], None] | None = None,
+    ) -> Any:
         """Run a job and return its result.
+
+        ``on_job_id`` is called with the job's id before it is sent (for logs, or to
+        :meth:`cancel` it from elsewhere).
 
         Raises :class:`NoWorkerError` (no live worker, at once), :class:`JobTimeoutError`,
         :class:`WorkerError`, :class:`OverloadedError`, :class:`InvalidJobError` or
@@ -629,6 +643,8 @@ class Client:
         publish itself (this user may not publish jobs) or the client is closed.
         """
         job = self._start(model, payload, timeout, stream=False)
+        if on_job_id is not None:
+            on_job_id(job.job_id)
         try:
             return await job.result()
         finally:

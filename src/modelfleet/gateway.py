@@ -5,20 +5,29 @@ into modelfleet jobs:
 
 =============================  ==============================================================
 ``GET /v1/models``             the routable models, from the controller's status API
-``GET /v1/models/{model}``     one of them (404 when it is not routable)
+``GET /v1/models/{model}``     200: routable now; 404 ``model_not_found``: the controller does
+                               not know it; 503: known, but no live worker now
 ``POST /v1/chat/completions``  a job on the model's queue; ``stream: true`` answered as
 ``POST /v1/completions``       server-sent events, chunk by chunk, ending with
 ``POST /v1/embeddings``        ``data: [DONE]``
-``GET /healthz``               the gateway's own health (no API key needed)
+``GET /healthz``               the gateway's own health: 503 while it has no channel to
+                               RabbitMQ (no API key needed)
+``GET /metrics``               Prometheus metrics (:mod:`modelfleet.gateway_metrics`; no key)
 ``GET /docs``                  OpenAPI documentation (``/openapi.json``)
 =============================  ==============================================================
 
 A job's payload is the request body plus ``"endpoint"`` (``chat.completions``, ``completions``
 or ``embeddings``), so a handler knows what to answer (see :mod:`modelfleet.openai_shapes`;
 ``modelfleet.handlers:fake_llm`` and the upstream adapter, :mod:`modelfleet.upstream`, answer in
-OpenAI's shapes). Errors come in OpenAI's error JSON, ``{"error": {"message", "type", "param",
-"code"}}``, with the HTTP status of their cause (:func:`status_of`); ``code`` is modelfleet's
-numeric error code and the message names the cause, the model and the job.
+OpenAI's shapes; any other answer is wrapped into them, and ``stop`` is then applied here).
+``n`` (and ``best_of``) above 1 are refused with 400: a job has one answer.
+
+Errors come in OpenAI's error JSON, ``{"error": {"message", "type", "param", "code"}}``, with
+the HTTP status of their cause and headers that tell OpenAI clients whether a retry can help
+(``x-should-retry``, ``Retry-After``: :mod:`modelfleet.gateway_errors`); ``code`` is modelfleet's
+numeric error code and the message names the cause, the model and the job. NO_WORKER is 404
+``model_not_found`` when the controller does not know the model (never served, or forgotten
+after ``routing.forget_after_s``) and 503 when it does (one status API call decides).
 
 When the HTTP client goes away before its answer, the job is cancelled (:mod:`modelfleet.cancel`):
 a queued job is never started, a running handler is stopped and its worker's slot freed.
@@ -27,6 +36,9 @@ An error after the first chunk of a stream (the status line is sent) ends the st
 error event and no ``[DONE]``: among them ``STREAM_RESTARTED`` (50009), when the job restarted on
 another worker after text had been sent (the text cannot be taken back, nor spliced with the
 new attempt's; the client should retry the request).
+
+Every request is counted and timed in ``/metrics`` and logged once at INFO (method, path,
+status, duration, model, job id): :mod:`modelfleet.gateway_metrics`.
 """
 
 from __future__ import annotations
@@ -49,34 +61,36 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from modelfleet import __version__
 from modelfleet.client import Client, JobStream
 from modelfleet.config import Settings
-from modelfleet.errors import (
-    BrokerError,
-    ConnectionLostError,
-    ExpiredError,
-    InvalidJobError,
-    JobCancelledError,
-    JobError,
-    JobTimeoutError,
-    NoWorkerError,
-    OverloadedError,
-    StreamRestartedError,
+from modelfleet.errors import BrokerError, InvalidJobError, JobError, NoWorkerError
+from modelfleet.gateway_errors import (
+    ErrorAnswer,
+    answer_for,
+    answer_for_status,
+    no_worker_answer,
+    validation_message,
 )
+from modelfleet.gateway_metrics import GatewayMetrics, RequestObserver, RequestRecord, record_of
 from modelfleet.openai_shapes import (
     DONE,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
-    as_chunk,
+    StreamShaper,
     as_response,
+    chunk_has_text,
     error_body,
+    invalid_param,
     model_list,
+    refused_param,
     sse,
+    stop_sequences,
 )
 
 __all__ = ["Gateway", "build_app", "default_controller_url", "run_gateway", "status_of"]
@@ -85,31 +99,20 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# HTTP status and OpenAI error type of each job error (first match wins: subclasses first).
-_STATUS: Sequence[tuple[type[JobError], int, str]] = (
-    (InvalidJobError, 400, "invalid_request_error"),  # and InvalidModelError
-    (OverloadedError, 429, "rate_limit_error"),
-    (NoWorkerError, 503, "service_unavailable_error"),
-    (JobTimeoutError, 504, "timeout_error"),
-    (ExpiredError, 504, "timeout_error"),
-    (ConnectionLostError, 502, "bad_gateway_error"),
-    (StreamRestartedError, 502, "bad_gateway_error"),  # mid-stream only: the type counts
-    (JobCancelledError, 499, "cancelled_error"),
-)
 # What nginx answers when the client closed the request first (nobody reads it).
 CLIENT_CLOSED = 499
 # Beyond the limit, a refused body is still read (and dropped) up to this much more, so the
 # client, still sending, gets the 413 instead of a reset connection.
 _DRAIN_LIMIT = 8 * 1024 * 1024
 _CONTROLLER_TIMEOUT_S = 5.0
+# NO_WORKER waits at most this long for the status API to say whether the model is known.
+_NO_WORKER_LOOKUP_S = 1.0
 
 
 def status_of(exc: JobError) -> tuple[int, str]:
     """The HTTP status and OpenAI error type for a job error (anything else: 500)."""
-    for cls, status, type_ in _STATUS:
-        if isinstance(exc, cls):
-            return status, type_
-    return 500, "server_error"
+    answer = answer_for(exc)
+    return answer.status, answer.type
 
 
 def default_controller_url(settings: Settings) -> str:
@@ -123,14 +126,17 @@ def default_controller_url(settings: Settings) -> str:
 
 
 def _error(
-    status: int,
+    answer: ErrorAnswer,
     message: str,
-    type_: str,
     *,
     param: str | None = None,
     code: int | str | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param=param, code=code), status_code=status)
+    return JSONResponse(
+        error_body(message, answer.type, param=param, code=code),
+        status_code=answer.status,
+        headers=answer.headers,
+    )
 
 
 def _broker_error(exc: BrokerError) -> JSONResponse:
@@ -138,12 +144,12 @@ def _broker_error(exc: BrokerError) -> JSONResponse:
     gateway's client is closed (shutting down): nothing the caller can fix, nothing a retry on
     this gateway helps."""
     log.error("job refused by the broker: %s", exc)
-    return _error(502, str(exc), "bad_gateway_error", code="broker_error")
+    return _error(answer_for_status(502), str(exc), code="broker_error")
 
 
 def _job_error(exc: JobError) -> JSONResponse:
-    status, type_ = status_of(exc)
-    return _error(status, str(exc), type_, code=int(exc.code))
+    param = invalid_param(exc.message) if isinstance(exc, InvalidJobError) else None
+    return _error(answer_for(exc), str(exc), param=param, code=int(exc.code))
 
 
 # -- the guard: API keys and body size, before anything parses the request --------------------
@@ -206,7 +212,7 @@ class _Guard:
                     "authentication_error",
                     code="invalid_api_key",
                 ),
-                [(b"www-authenticate", b"Bearer")],
+                [(b"www-authenticate", b"Bearer"), (b"x-should-retry", b"false")],
             )
             return
         if scope.get("method") in ("POST", "PUT", "PATCH"):
@@ -240,6 +246,7 @@ class _Guard:
                     "invalid_request_error",
                     code="request_too_large",
                 ),
+                [(b"x-should-retry", b"false")],
             )
             return None
         return bytes(body)
@@ -323,89 +330,147 @@ async def _next(chunks: AsyncIterator[Any]) -> Any:
 # -- the app ------------------------------------------------------------------------------------
 
 
+# Set around a request's submit: told the job's id as soon as the client makes it.
 class _Jobs:
     """Runs the endpoints' jobs through one :class:`Client`."""
 
     def __init__(
-        self, client: Client, settings: Settings, controller_url: str, http: httpx.AsyncClient
+        self,
+        client: Client,
+        settings: Settings,
+        controller_url: str,
+        http: httpx.AsyncClient,
+        metrics: GatewayMetrics,
     ) -> None:
         self.client = client
         self.settings = settings
         self.controller_url = controller_url.rstrip("/")
         self.http = http
+        self.metrics = metrics
 
-    async def routable_models(self) -> list[str]:
-        """Raises ``httpx.HTTPError``/``ValueError`` when the controller cannot tell."""
-        response = await self.http.get(
-            f"{self.controller_url}/v1/models", timeout=_CONTROLLER_TIMEOUT_S
-        )
+    async def known_models(self, timeout: float = _CONTROLLER_TIMEOUT_S) -> dict[str, bool]:
+        """Every model the controller knows (it had a worker lately, or is in the catalog) →
+        whether it is routable now. Raises ``httpx.HTTPError``/``ValueError``/``KeyError``/
+        ``TypeError`` when the controller cannot tell."""
+        response = await self.http.get(f"{self.controller_url}/v1/models", timeout=timeout)
         response.raise_for_status()
         models = response.json()["models"]
-        return sorted(
-            str(m["name"]) for m in models if isinstance(m, dict) and m.get("routable") is True
-        )
+        return {
+            str(m["name"]): m.get("routable") is True
+            for m in models
+            if isinstance(m, dict) and "name" in m
+        }
 
     async def models(self) -> Response:
         try:
-            names = await self.routable_models()
+            known = await self.known_models()
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             return self._controller_down(exc)
-        return JSONResponse(model_list(names))
+        return JSONResponse(model_list(sorted(name for name, up in known.items() if up)))
 
     async def model(self, name: str) -> Response:
         try:
-            names = await self.routable_models()
+            known = await self.known_models()
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             return self._controller_down(exc)
-        if name not in names:
+        if name not in known:
             return _error(
-                404,
-                f"model {name!r} is not served: no live worker has it (see GET /v1/models)",
-                "not_found_error",
+                no_worker_answer(known=False),
+                f"model {name!r} not found: the controller does not know it (no worker has "
+                "served it lately; GET /v1/models lists the models served now)",
                 param="model",
                 code="model_not_found",
+            )
+        if not known[name]:
+            return _error(
+                no_worker_answer(known=True),
+                f"model {name!r} is not served now: the controller knows it, but no live worker "
+                "takes its jobs (a request for it fails with NO_WORKER until one does)",
+                param="model",
+                code=50005,
             )
         return JSONResponse(model_list([name])["data"][0])
 
     def _controller_down(self, exc: Exception) -> Response:
         cause = str(exc) or type(exc).__name__
         return _error(
-            503,
+            answer_for_status(503),
             f"cannot list models: the controller status API at {self.controller_url} did not "
             f"answer ({cause})",
-            "service_unavailable_error",
         )
+
+    async def _no_worker(self, exc: NoWorkerError) -> Response:
+        """404 for a model the controller does not know, else 503 (see gateway_errors)."""
+        try:
+            known: bool | None = exc.model in await self.known_models(_NO_WORKER_LOOKUP_S)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as lookup:
+            log.debug("NO_WORKER for %s: the status API could not tell (%s)", exc.model, lookup)
+            known = None
+        if known is False:
+            return _error(
+                no_worker_answer(known=False),
+                f"model {exc.model!r} not found: the controller does not know it (no worker has "
+                f"served it lately; GET /v1/models lists the models served now). {exc}",
+                param="model",
+                code="model_not_found",
+            )
+        return _error(no_worker_answer(known), str(exc), code=int(exc.code))
+
+    async def _failed(self, exc: JobError | BrokerError, record: RequestRecord | None) -> Response:
+        if isinstance(exc, BrokerError):
+            return _broker_error(exc)
+        if record is not None and exc.job_id != "-":
+            record.job_id = exc.job_id
+        if isinstance(exc, NoWorkerError):
+            return await self._no_worker(exc)
+        return _job_error(exc)
 
     async def run(self, endpoint: str, body: Any, request: Request) -> Response:
         payload: dict[str, Any] = body.model_dump(exclude_unset=True)
         payload["model"] = model = body.model
         payload["endpoint"] = endpoint
         stream = endpoint != "embeddings" and getattr(body, "stream", False) is True
+        record = record_of(request.scope)
+        if record is not None:
+            record.model, record.stream = model, stream
+        refused = refused_param(endpoint, payload)
+        if refused is not None:
+            param, message = refused
+            return _error(answer_for_status(400), message, param=param, code=40001)
+        stops = stop_sequences(payload.get("stop"))
         timeout = self.settings.gateway.timeout_s
         gone = asyncio.ensure_future(_wait_disconnect(request.receive))
+        job_id = ""
+
+        def on_job(started: str) -> None:
+            nonlocal job_id
+            job_id = started
+            if record is not None:
+                record.job_id = started
+
         try:
             if stream:
-                return await self._stream(endpoint, model, payload, timeout, gone)
+                return await self._stream(endpoint, model, payload, timeout, gone, stops, record)
             try:
                 result = await _unless_gone(
-                    self.client.submit(model, payload, timeout=timeout), gone
+                    self.client.submit(model, payload, timeout=timeout, on_job_id=on_job), gone
                 )
-            except JobError as exc:
-                return _job_error(exc)
-            except BrokerError as exc:
-                return _broker_error(exc)
+            except (JobError, BrokerError) as exc:
+                return await self._failed(exc, record)
         except _ClientGone:
             log.info("client of a %s request for %s went away: job cancelled", endpoint, model)
             return Response(status_code=CLIENT_CLOSED)
         finally:
             gone.cancel()
-        answer = as_response(endpoint, result, model=model, id_=uuid.uuid4().hex)
+        answer = as_response(
+            endpoint, result, model=model, id_=job_id or uuid.uuid4().hex, stop=stops
+        )
         if answer is None:
             return _error(
-                500,
-                f"model {model!r}: the worker's answer is not an OpenAI {endpoint} response "
-                f"(got {json.dumps(result)[:200]})",
-                "server_error",
+                answer_for_status(500),
+                f"model {model!r}: the worker's answer cannot be an OpenAI {endpoint} response "
+                f"(embeddings must be a vector or a list of vectors; got "
+                f"{json.dumps(result)[:200]})",
                 code=50001,
             )
         return JSONResponse(answer)
@@ -417,39 +482,54 @@ class _Jobs:
         payload: dict[str, Any],
         timeout: float,
         gone: asyncio.Future[None],
+        stops: list[str],
+        record: RequestRecord | None,
     ) -> Response:
         job = self.client.stream(model, payload, timeout=timeout)
+        if record is not None:
+            record.job_id = job.job_id
         chunks = aiter(job)
         try:
             # The first chunk (or the error) before the status line: errors keep their status.
             first = await _unless_gone(_next(chunks), gone)
-        except JobError as exc:
+        except (JobError, BrokerError) as exc:
             await job.aclose()
-            return _job_error(exc)
-        except BrokerError as exc:
-            await job.aclose()
-            return _broker_error(exc)
+            return await self._failed(exc, record)
         except BaseException:
             await job.aclose()
             raise
-        return _EventStream(self._events(endpoint, model, job, chunks, first))
+        shaper = StreamShaper(
+            endpoint, model=model, id_=job.job_id, created=int(time.time()), stop=stops
+        )
+        return _EventStream(self._events(job, chunks, first, shaper, record))
+
+    def _event(self, chunk: dict[str, Any], record: RequestRecord | None) -> bytes:
+        if record is not None and chunk_has_text(chunk):
+            record.first_token(self.metrics)
+        return sse(chunk)
 
     async def _events(
-        self, endpoint: str, model: str, job: JobStream, chunks: AsyncIterator[Any], first: Any
+        self,
+        job: JobStream,
+        chunks: AsyncIterator[Any],
+        first: Any,
+        shaper: StreamShaper,
+        record: RequestRecord | None,
     ) -> AsyncIterator[bytes]:
-        created = int(time.time())
         try:
             item = first
             while item is not _END:
-                chunk = as_chunk(endpoint, item, model=model, id_=job.job_id, created=created)
-                if chunk is not None:
-                    yield sse(chunk)
+                for chunk in shaper.feed(item):
+                    yield self._event(chunk, record)
+                if shaper.stopped:
+                    break  # a stop sequence: the rest is not wanted (aclose cancels the job)
                 item = await anext(chunks, _END)
+            for chunk in shaper.end(job.result if item is _END else None):
+                yield self._event(chunk, record)
             yield sse(DONE)
         except JobError as exc:
             # Mid-stream: the status line is gone; OpenAI clients raise on an error event.
-            _, type_ = status_of(exc)
-            yield sse(error_body(str(exc), type_, code=int(exc.code)))
+            yield sse(error_body(str(exc), answer_for(exc).type, code=int(exc.code)))
         finally:
             await job.aclose()  # cancels the job if the client left before its end
 
@@ -460,14 +540,18 @@ def build_app(
     *,
     controller_url: str | None = None,
     http: httpx.AsyncClient | None = None,
+    metrics: GatewayMetrics | None = None,
 ) -> FastAPI:
-    """The gateway's ASGI app; ``client`` must be connected before requests come."""
+    """The gateway's ASGI app; ``client`` must be connected before requests come. ``metrics``
+    (default: new ones) are served on ``/metrics``."""
     gateway = settings.gateway
+    metrics = metrics or GatewayMetrics()
     jobs = _Jobs(
         client,
         settings,
         controller_url or default_controller_url(settings),
         http or httpx.AsyncClient(),
+        metrics,
     )
     app = FastAPI(
         title="modelfleet OpenAI-compatible gateway",
@@ -476,8 +560,11 @@ def build_app(
             "OpenAI API in front of a modelfleet namespace: each request becomes a job on the "
             "model's queue. Errors use OpenAI's error JSON; `code` is modelfleet's error code "
             "(50005 no worker, 42903 overloaded, 50006 timeout, 50001 worker error, 40001 "
-            "invalid job, 40301 invalid model)."
+            "invalid job, 40301 invalid model), or `model_not_found` (404) for a model the "
+            "fleet does not know. `x-should-retry` and `Retry-After` say whether a retry helps."
         ),
+        # A body without Content-Type is read as JSON (a wrong one is refused, saying so).
+        strict_content_type=False,
     )
     # Declares the Bearer scheme in /docs; the guard middleware does the checking.
     bearer = HTTPBearer(auto_error=False, description="one of gateway.api_keys, when set")
@@ -487,7 +574,10 @@ def build_app(
     async def list_models() -> Response:
         return await jobs.models()
 
-    @v1.get("/models/{model:path}", summary="One model, if the fleet serves it now")
+    @v1.get(
+        "/models/{model:path}",
+        summary="One model: 200 served now, 404 unknown, 503 known without a live worker",
+    )
     async def get_model(model: str) -> Response:
         return await jobs.model(model)
 
@@ -503,34 +593,39 @@ def build_app(
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         return await jobs.run("embeddings", body, request)
 
-    @app.get("/healthz", summary="The gateway's own health")
-    async def healthz() -> dict[str, Any]:
-        return {"healthy": True, "namespace": client.names.ns, "controller": jobs.controller_url}
+    @app.get("/healthz", summary="The gateway's own health (503 without a channel to RabbitMQ)")
+    async def healthz() -> Response:
+        healthy = client.ready
+        body = {"healthy": healthy, "namespace": client.names.ns, "controller": jobs.controller_url}
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics of this gateway", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.include_router(v1)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = [str(part) for part in first.get("loc", ()) if part != "body"]
-        param = ".".join(where) or None
-        message = str(first.get("msg", "invalid request"))
-        return _error(
-            400,
-            f"invalid request: {param or 'body'}: {message}",
-            "invalid_request_error",
-            param=param,
-            code=40001,
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        message, param = validation_message(
+            exc.errors(), exc.body, request.headers.get("content-type")
         )
+        return _error(answer_for_status(400), message, param=param, code=40001)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type_)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer to a JSON body it could not decode (not UTF-8).
+            message = "request body is not valid JSON: it is not UTF-8 text"
+        code = 40001 if exc.status_code == 400 else None
+        return _error(answer_for_status(exc.status_code), message, code=code)
 
     app.add_middleware(
         _Guard, api_keys=list(gateway.api_keys), max_body_bytes=gateway.max_body_bytes
     )
+    # Outermost: sees the guard's 401 and 413 too.
+    app.add_middleware(RequestObserver, metrics=metrics)
     return app
 
 
@@ -578,8 +673,13 @@ class Gateway:
         self.controller_url = (controller_url or default_controller_url(self.settings)).rstrip("/")
         self.client = Client(self.settings, timeout=gateway.timeout_s)
         self._http = httpx.AsyncClient()
+        self.metrics = GatewayMetrics()
         self.app = build_app(
-            self.client, self.settings, controller_url=self.controller_url, http=self._http
+            self.client,
+            self.settings,
+            controller_url=self.controller_url,
+            http=self._http,
+            metrics=self.metrics,
         )
         self._server: _Server | None = None
         self._serving: asyncio.Task[None] | None = None

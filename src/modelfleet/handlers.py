@@ -1,11 +1,14 @@
 """Built-in handlers, so everything can be tried without a GPU.
 
-* ``modelfleet.handlers:echo`` returns the payload.
+* ``modelfleet.handlers:echo`` returns the payload (behind the gateway: a chat or completions
+  answer whose text is the request's JSON, see :func:`modelfleet.openai_shapes.as_response`).
 * ``modelfleet.handlers:fake_llm`` streams the words of ``payload["prompt"]`` as chunks
   ``{"text": " word"}``, sleeping ``payload.get("delay", 0)`` seconds before each, and ends with
   the whole text as its result ``{"text": ..., "words": n}``. A payload with an ``"endpoint"``
   (``chat.completions``, ``completions``, ``embeddings``: what the OpenAI gateway sends) is
-  answered in OpenAI's shapes instead (:func:`modelfleet.openai_shapes.fake_openai`).
+  answered in OpenAI's shapes instead (:func:`modelfleet.openai_shapes.fake_openai`), with
+  ``stop`` and ``max_tokens`` honoured and what it cannot honour (``n`` above 1, ``logprobs``,
+  a JSON ``response_format``, a forced ``tool_choice``...) refused as an invalid job.
 * ``modelfleet.handlers:fail`` raises, to see WORKER_ERROR end to end.
 """
 

@@ -6,9 +6,9 @@ upstream adapter (:mod:`modelfleet.upstream`) and the fake LLM (:func:`fake_open
 
 A gateway job's payload is the OpenAI request body plus ``"endpoint"``: one of
 :data:`ENDPOINTS`. Its answer is the OpenAI response object; a streamed job's chunks are the
-OpenAI chunk objects (``chat.completion.chunk``, ``text_completion``). Handlers that answer in
-modelfleet's plain shapes (``{"text": ...}`` or a string) are wrapped by :func:`as_response` and
-:func:`as_chunk`, so any handler can sit behind the gateway.
+OpenAI chunk objects (``chat.completion.chunk``, ``text_completion``). Answers in any other
+shape (a string, modelfleet's plain ``{"text": ...}``, any JSON value) are wrapped by
+:func:`as_response` and :class:`StreamShaper`, so any handler can sit behind the gateway.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import base64
 import hashlib
 import json
 import math
+import re
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -33,16 +34,30 @@ __all__ = [
     "ChatCompletionRequest",
     "CompletionRequest",
     "EmbeddingRequest",
+    "StopCutter",
+    "StreamShaper",
     "as_chunk",
     "as_response",
+    "as_text",
+    "chat_chunk",
+    "chat_completion",
     "chat_prompt",
+    "chunk_has_text",
+    "cut_at_stop",
     "endpoint_of",
     "error_body",
     "fake_embedding",
     "fake_openai",
+    "invalid_param",
+    "is_openai_chunk",
+    "is_openai_response",
     "model_list",
     "parse_sse_data",
+    "refused_param",
     "sse",
+    "stop_sequences",
+    "text_completion",
+    "text_of",
 ]
 
 Endpoint = Literal["chat.completions", "completions", "embeddings"]
@@ -70,21 +85,31 @@ class _Request(BaseModel):
 
 
 class ChatCompletionRequest(_Request):
-    """``POST /v1/chat/completions``; any other OpenAI field is forwarded to the worker."""
+    """``POST /v1/chat/completions``; any other OpenAI field is forwarded to the worker.
+
+    ``n`` above 1 is refused (:func:`refused_param`); ``stop`` is forwarded, and honoured by
+    the gateway itself when the handler answers in a plain shape (:class:`StreamShaper`)."""
 
     messages: list[dict[str, Any]] = Field(min_length=1)
     stream: bool = False
     max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
+    n: int | None = Field(None, ge=1, description="only 1: a request is one job, one answer")
+    stop: str | list[str] | None = None
 
 
 class CompletionRequest(_Request):
-    """``POST /v1/completions``; any other OpenAI field is forwarded to the worker."""
+    """``POST /v1/completions``; any other OpenAI field is forwarded to the worker (``n`` and
+    ``best_of`` above 1 are refused, ``stop`` as for chat)."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
     stream: bool = False
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
+    n: int | None = Field(None, ge=1, description="only 1: a request is one job, one answer")
+    best_of: int | None = Field(None, ge=1, description="only 1")
+    stop: str | list[str] | None = None
 
 
 class EmbeddingRequest(_Request):
@@ -206,26 +231,162 @@ def text_completion(
     return body
 
 
-def _is_openai_object(value: Any) -> bool:
-    return isinstance(value, dict) and ("choices" in value or "object" in value or "data" in value)
+# -- wrapping any handler's answer in OpenAI's shapes --------------------------------------------
+#
+# A handler behind the gateway may answer in OpenAI's shapes (fake_llm, the upstream adapter) or
+# not: a string, modelfleet's plain {"text": ...}, a generator's list of such chunks, or any JSON
+# value (echo returns its payload). Chat and completions answers that are not OpenAI objects
+# become the message (or text) of one choice: their text when they have one, else their JSON.
+# Embeddings must be vectors: OpenAI's list object, one vector, or a list of vectors.
 
 
-def _plain_text(value: Any) -> str | None:
-    if isinstance(value, str):
+def _dicts(value: Any) -> list[dict[str, Any]] | None:
+    if isinstance(value, list) and all(isinstance(item, dict) for item in value):
         return value
-    if isinstance(value, dict) and isinstance(value.get("text"), str):
-        return str(value["text"])
     return None
 
 
-def as_response(endpoint: str, result: Any, *, model: str, id_: str) -> dict[str, Any] | None:
-    """The OpenAI response for a job's result: as is when it already is one, wrapped when it
-    is modelfleet's plain ``{"text": ...}`` or a string; None when it is neither."""
-    if _is_openai_object(result):
-        return dict(result)
-    text = _plain_text(result)
-    if text is None:
+def is_openai_response(endpoint: str, value: Any) -> bool:
+    """Is ``value`` already a whole OpenAI response for ``endpoint``?"""
+    if not isinstance(value, dict):
+        return False
+    kind = value.get("object")
+    if endpoint == "embeddings":
+        data = _dicts(value.get("data"))
+        return kind == "list" and data is not None and all("embedding" in d for d in data)
+    choices = _dicts(value.get("choices"))
+    if endpoint == "chat.completions":
+        return kind == "chat.completion" or bool(choices and all("message" in c for c in choices))
+    if endpoint == "completions":
+        return kind == "text_completion" or bool(
+            choices and all("text" in c and "delta" not in c for c in choices)
+        )
+    return False
+
+
+def is_openai_chunk(endpoint: str, value: Any) -> bool:
+    """Is ``value`` already an OpenAI stream chunk for ``endpoint``?"""
+    if not isinstance(value, dict):
+        return False
+    kind = value.get("object")
+    choices = _dicts(value.get("choices"))
+    if endpoint == "chat.completions":
+        if kind == "chat.completion.chunk":
+            return True
+        if choices == [] and "usage" in value:  # the closing usage chunk
+            return True
+        return bool(choices and all("delta" in c for c in choices))
+    if endpoint == "completions":
+        return kind == "text_completion" or bool(choices and all("text" in c for c in choices))
+    return False
+
+
+def text_of(value: Any) -> str | None:
+    """The text a handler's answer (or chunk) carries, when it carries one: a string, plain
+    ``{"text": ...}``, an OpenAI response or chunk (its first choice), or a list of such
+    chunks (what a generator handler returns when it was not streamed); None otherwise."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        if isinstance(value.get("text"), str):
+            return str(value["text"])
+        choices = _dicts(value.get("choices"))
+        if choices:
+            first = choices[0]
+            for key in ("message", "delta"):
+                part = first.get(key)
+                if isinstance(part, dict):
+                    content = part.get("content")
+                    return _content_text(content) if content is not None else ""
+            if isinstance(first.get("text"), str):
+                return str(first["text"])
         return None
+    if isinstance(value, list):
+        pieces = [text_of(item) for item in value]
+        if all(piece is not None for piece in pieces):
+            return "".join(piece for piece in pieces if piece is not None)
+    return None
+
+
+def as_text(value: Any) -> str:
+    """:func:`text_of`, else the value's JSON (None: the empty string)."""
+    if value is None:
+        return ""
+    text = text_of(value)
+    if text is not None:
+        return text
+    return json.dumps(value, ensure_ascii=False)
+
+
+def stop_sequences(value: Any) -> list[str]:
+    """The request's ``stop``: a string or a list of strings (empty ones are ignored)."""
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list):
+        return [item for item in value if isinstance(item, str) and item]
+    return []
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """``text`` up to the first stop sequence (excluded), and whether one was found."""
+    found = [at for stop in stops if (at := text.find(stop)) >= 0]
+    if not found:
+        return text, False
+    return text[: min(found)], True
+
+
+class StopCutter:
+    """Applies stop sequences to text that arrives in pieces: a piece is passed on at once
+    except its tail that could begin a stop sequence, held until the next piece decides.
+
+    >>> cutter = StopCutter(["END"])
+    >>> cutter.feed("one E"), cutter.feed("ND two"), cutter.stopped
+    ('one ', '', True)
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [stop for stop in stops if stop]
+        self.stopped = False
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return text
+        buffer = self._held + text
+        cut, found = cut_at_stop(buffer, self.stops)
+        if found:
+            self.stopped = True
+            self._held = ""
+            return cut
+        hold = 0
+        for size in range(min(max(map(len, self.stops)) - 1, len(buffer)), 0, -1):
+            tail = buffer[-size:]
+            if any(stop.startswith(tail) for stop in self.stops):
+                hold = size
+                break
+        self._held = buffer[len(buffer) - hold :]
+        return buffer[: len(buffer) - hold]
+
+    def flush(self) -> str:
+        """What is held back, at the end of the text."""
+        held, self._held = self._held, ""
+        return "" if self.stopped else held
+
+
+def as_response(
+    endpoint: str, result: Any, *, model: str, id_: str, stop: list[str] | None = None
+) -> dict[str, Any] | None:
+    """The OpenAI response for a job's result: as is when it already is one; for chat and
+    completions, otherwise, one choice whose text is the result's (:func:`as_text`), cut at
+    the first of ``stop``; for embeddings, vectors wrapped in the list object. None: the
+    result cannot be an answer to ``endpoint`` (embeddings that are not vectors)."""
+    if is_openai_response(endpoint, result):
+        return dict(result)
+    if endpoint == "embeddings":
+        return _as_embeddings(result, model)
+    text, _ = cut_at_stop(as_text(result), stop or [])
     if endpoint == "chat.completions":
         return chat_completion(id_=f"chatcmpl-{id_}", model=model, text=text)
     if endpoint == "completions":
@@ -233,20 +394,181 @@ def as_response(endpoint: str, result: Any, *, model: str, id_: str) -> dict[str
     return None
 
 
+def _is_vector(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
+    )
+
+
+def _as_embeddings(result: Any, model: str) -> dict[str, Any] | None:
+    if _is_vector(result):
+        vectors = [result]
+    elif isinstance(result, list) and result and all(_is_vector(v) for v in result):
+        vectors = result
+    else:
+        return None
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": index, "embedding": [float(x) for x in vector]}
+            for index, vector in enumerate(vectors)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": 0, "total_tokens": 0},
+    }
+
+
 def as_chunk(
     endpoint: str, chunk: Any, *, model: str, id_: str, created: int
 ) -> dict[str, Any] | None:
-    """The OpenAI chunk for a streamed job's chunk (see :func:`as_response`)."""
-    if _is_openai_object(chunk):
+    """The OpenAI chunk for one streamed chunk of a job: as is when it already is one, else a
+    chunk carrying its text (:func:`as_text`); None for a None chunk. See :class:`StreamShaper`
+    for a whole stream (role, stop sequences, the closing chunk)."""
+    if is_openai_chunk(endpoint, chunk):
         return dict(chunk)
-    text = _plain_text(chunk)
-    if text is None:
+    if chunk is None:
         return None
+    return _text_chunk(endpoint, as_text(chunk), model=model, id_=id_, created=created)
+
+
+def _text_chunk(
+    endpoint: str,
+    text: str | None,
+    *,
+    model: str,
+    id_: str,
+    created: int,
+    role: bool = False,
+    finish_reason: str | None = None,
+) -> dict[str, Any]:
     if endpoint == "completions":
         return text_completion(
-            id_=f"cmpl-{id_}", model=model, text=text, finish_reason=None, created=created
+            id_=f"cmpl-{id_}",
+            model=model,
+            text=text or "",
+            finish_reason=finish_reason,
+            created=created,
         )
-    return chat_chunk(id_=f"chatcmpl-{id_}", model=model, created=created, delta={"content": text})
+    delta: dict[str, Any] = {"role": "assistant"} if role else {}
+    if text is not None:
+        delta["content"] = text
+    return chat_chunk(
+        id_=f"chatcmpl-{id_}",
+        model=model,
+        created=created,
+        delta=delta,
+        finish_reason=finish_reason,
+    )
+
+
+def chunk_has_text(chunk: dict[str, Any]) -> bool:
+    """Does an OpenAI chunk carry generated text (what time to first token waits for)?"""
+    text = text_of(chunk)
+    return bool(text)
+
+
+class StreamShaper:
+    """Turns a streamed job into OpenAI chunks (chat or completions), whatever its handler
+    streams.
+
+    OpenAI chunks pass as they are. Anything else (a string, ``{"text": ...}``, any JSON value)
+    becomes a chunk carrying its text (:func:`as_text`): the first one with the assistant role,
+    cut at the request's stop sequences (:class:`StopCutter`; after a stop, :attr:`stopped` is
+    true and the rest is dropped), and :meth:`end` closes such a stream with a chunk whose
+    ``finish_reason`` is ``stop``. A job that streamed nothing (a coroutine handler) is
+    answered with its result, sent as chunks the same way.
+    """
+
+    def __init__(
+        self, endpoint: str, *, model: str, id_: str, created: int, stop: list[str] | None = None
+    ) -> None:
+        self.endpoint = endpoint
+        self.model = model
+        self.id_ = id_
+        self.created = created
+        self._cutter = StopCutter(stop or [])
+        self._sent = 0  # chunks given out
+        self._wrapped = False  # some were made here: end() closes the stream
+
+    @property
+    def stopped(self) -> bool:
+        return self._cutter.stopped
+
+    def feed(self, item: Any) -> list[dict[str, Any]]:
+        """The chunks to send for one item the job streamed."""
+        if is_openai_chunk(self.endpoint, item):
+            self._sent += 1
+            return [dict(item)]
+        if item is None or self.stopped:
+            return []
+        return self._text(self._cutter.feed(as_text(item)))
+
+    def _text(self, text: str) -> list[dict[str, Any]]:
+        first = not self._wrapped
+        if not text and not first:
+            return []
+        self._wrapped = True
+        self._sent += 1
+        return [self._chunk(text, role=first)]
+
+    def _chunk(
+        self, text: str | None, *, role: bool = False, finish_reason: str | None = None
+    ) -> dict[str, Any]:
+        return _text_chunk(
+            self.endpoint,
+            text,
+            model=self.model,
+            id_=self.id_,
+            created=self.created,
+            role=role,
+            finish_reason=finish_reason,
+        )
+
+    def end(self, result: Any = None) -> list[dict[str, Any]]:
+        """The closing chunks, once the job ended; ``result`` is the job's result."""
+        chunks: list[dict[str, Any]] = []
+        if self._sent == 0:
+            finish = "stop"
+            if is_openai_response(self.endpoint, result):
+                choices = _dicts(result.get("choices")) or [{}]
+                finish = str(choices[0].get("finish_reason") or "stop")
+            chunks += self._text(self._cutter.feed(as_text(result)))
+            chunks += self._text(self._cutter.flush())
+            self._wrapped = True
+            return [*chunks, self._chunk(None, finish_reason=finish)]
+        if self._wrapped:
+            chunks += self._text(self._cutter.flush())
+            chunks.append(self._chunk(None, finish_reason="stop"))
+        return chunks
+
+
+def refused_param(endpoint: str, payload: dict[str, Any]) -> tuple[str, str] | None:
+    """A request parameter the gateway refuses for every handler: ``(param, message)``.
+
+    A request is one job and a job has one answer, so ``n`` (and ``best_of``) above 1 cannot
+    be honoured; everything else goes to the handler."""
+    names = ("n", "best_of") if endpoint == "completions" else ("n",)
+    for name in names:
+        value = payload.get(name)
+        if value is not None and value != 1:
+            return name, (
+                f"{name}={value} is not supported: a request is one job with one answer, so "
+                f"only {name}=1 is; send {value} requests instead"
+            )
+    return None
+
+
+_QUOTED_PARAM = re.compile(r"^(?:[\w.-]+: )?'([A-Za-z_][\w.]*)'")
+
+
+def invalid_param(message: str) -> str | None:
+    """The request parameter an INVALID_JOB message names first, as ``'name'`` at its start
+    (after an optional ``"handler: "`` prefix): ``"fake_llm: 'stop' must be ..."`` → ``stop``.
+    Handlers that refuse a parameter this way get it in the error's ``param``."""
+    match = _QUOTED_PARAM.match(message)
+    return match.group(1) if match else None
 
 
 # -- server-sent events ------------------------------------------------------------------------
@@ -368,14 +690,102 @@ def _fake_embeddings(job: Job, payload: dict[str, Any], model: str) -> dict[str,
     }
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _max_tokens(job: Job, payload: dict[str, Any], endpoint: str) -> int | None:
+    """``max_completion_tokens`` (chat's newer name), else ``max_tokens``."""
+    chat = endpoint == "chat.completions"
+    for name in ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",):
+        value = payload.get(name)
+        if value is not None:
+            if not _positive_int(value):
+                raise job.invalid(f"fake_llm: '{name}' must be a positive integer")
+            return int(value)
+    return None
+
+
+def _stops(job: Job, payload: dict[str, Any]) -> list[str]:
+    stop = payload.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str)
+        or (isinstance(stop, list) and all(isinstance(item, str) for item in stop))
+    ):
+        raise job.invalid("fake_llm: 'stop' must be a string or a list of strings")
+    return stop_sequences(stop)
+
+
+def _unsupported(job: Job, name: str, why: str) -> Exception:
+    return job.invalid(f"fake_llm: '{name}' is not supported: {why}")
+
+
+def _refuse_unsupported(job: Job, payload: dict[str, Any], endpoint: str) -> None:
+    """Parameters that would change the answer and that the fake LLM cannot honour; those it
+    may ignore (sampling: temperature, top_p, seed, penalties, logit_bias; bookkeeping: user,
+    metadata, store) are ignored, as a deterministic model would."""
+    for name in ("n", "best_of"):
+        value = payload.get(name)
+        if value is not None and value != 1:
+            raise _unsupported(job, name, "the fake LLM gives one answer per job")
+    if endpoint == "chat.completions":
+        for name in ("logprobs", "top_logprobs"):
+            if payload.get(name) not in (None, False):
+                raise _unsupported(job, name, "the fake LLM has no token probabilities")
+        response_format = payload.get("response_format")
+        if response_format is not None and (
+            not isinstance(response_format, dict) or response_format.get("type") != "text"
+        ):
+            raise _unsupported(job, "response_format", "the fake LLM answers plain text only")
+        for name in ("tool_choice", "function_call"):
+            choice = payload.get(name)
+            if choice is not None and choice not in ("auto", "none"):
+                raise _unsupported(job, name, "the fake LLM never calls tools")
+        modalities = payload.get("modalities")
+        if isinstance(modalities, list) and any(m != "text" for m in modalities):
+            raise _unsupported(job, "modalities", "the fake LLM answers text only")
+        if payload.get("audio") is not None:
+            raise _unsupported(job, "audio", "the fake LLM answers text only")
+    else:
+        if payload.get("logprobs") is not None:
+            raise _unsupported(job, "logprobs", "the fake LLM has no token probabilities")
+        if payload.get("echo") not in (None, False):
+            raise _unsupported(job, "echo", "the fake LLM does not echo the prompt")
+        if payload.get("suffix"):
+            raise _unsupported(job, "suffix", "the fake LLM cannot insert text")
+
+
+def _generate(words: list[str], stops: list[str], max_tokens: int | None) -> tuple[list[str], str]:
+    """The fake completion: the words as tokens (" word"), cut before the first stop sequence
+    (finish ``stop``) and to ``max_tokens`` tokens (finish ``length``)."""
+    pieces = [word if index == 0 else f" {word}" for index, word in enumerate(words)]
+    text, _ = cut_at_stop("".join(pieces), stops)
+    kept: list[str] = []
+    size = 0
+    for piece in pieces:
+        if size + len(piece) > len(text):
+            if text[size:]:
+                kept.append(text[size:])
+            break
+        kept.append(piece)
+        size += len(piece)
+    if max_tokens is not None and len(kept) > max_tokens:
+        return kept[:max_tokens], "length"
+    return kept, "stop"
+
+
 async def fake_openai(job: Job) -> AsyncIterator[Any]:
     """Answer an OpenAI request payload like a (very predictable) LLM.
 
     Chat: the words of the last user message; completions: the words of the prompt; both cut
-    to ``max_tokens`` words (finish reason ``length``), streamed as OpenAI chunks when the job
-    is streamed, each after ``delay`` seconds (a payload field, for tests and demos); the job's
-    result is the whole OpenAI response. Embeddings: a deterministic unit vector per input
-    (:func:`fake_embedding`), ``dimensions`` long (default 16), float or base64.
+    before the first ``stop`` sequence (finish reason ``stop``) and to ``max_tokens`` (chat:
+    ``max_completion_tokens`` first) words (finish reason ``length``), streamed as OpenAI
+    chunks when the job is streamed, each after ``delay`` seconds (a payload field, for tests
+    and demos); the job's result is the whole OpenAI response. Embeddings: a deterministic unit
+    vector per input (:func:`fake_embedding`), ``dimensions`` long (default 16), float or
+    base64. Parameters it cannot honour (``n`` above 1, ``logprobs``, a JSON
+    ``response_format``, a forced ``tool_choice``, audio, ``echo``, ``suffix``) are refused
+    with INVALID_JOB naming them (see :func:`invalid_param`); sampling parameters are ignored.
     """
     payload: dict[str, Any] = job.payload
     endpoint = endpoint_of(payload)
@@ -394,14 +804,12 @@ async def fake_openai(job: Job) -> AsyncIterator[Any]:
         or delay < 0
     ):
         raise job.invalid("fake_llm: 'delay' must be a non-negative number of seconds")
-    max_tokens = payload.get("max_tokens")
-    if max_tokens is not None and (
-        not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
-    ):
-        raise job.invalid("fake_llm: 'max_tokens' must be a positive integer")
+    max_tokens = _max_tokens(job, payload, endpoint)
+    _refuse_unsupported(job, payload, endpoint)
+    stops = _stops(job, payload)
     if endpoint == "chat.completions":
         if not isinstance(payload.get("messages"), list) or not payload["messages"]:
-            raise job.invalid("fake_llm: chat needs a non-empty 'messages' list")
+            raise job.invalid("fake_llm: 'messages' must be a non-empty list")
         words = chat_prompt(payload["messages"]).split()
         prompt_tokens = _all_words(payload["messages"])
     else:
@@ -409,16 +817,13 @@ async def fake_openai(job: Job) -> AsyncIterator[Any]:
         if isinstance(prompt, list):
             prompt = prompt[0] if prompt and isinstance(prompt[0], str) else json.dumps(prompt)
         if not isinstance(prompt, str):
-            raise job.invalid("fake_llm: completions need a 'prompt' string")
+            raise job.invalid("fake_llm: 'prompt' must be a string (or a list of strings)")
         words = prompt.split()
         prompt_tokens = len(words)
-    finish = "stop"
-    if max_tokens is not None and len(words) > max_tokens:
-        words, finish = words[:max_tokens], "length"
-    pieces = [word if index == 0 else f" {word}" for index, word in enumerate(words)]
+    pieces, finish = _generate(words, stops, max_tokens)
     text = "".join(pieces)
     created = int(time.time())
-    usage = _usage(prompt_tokens, len(words))
+    usage = _usage(prompt_tokens, len(pieces))
     chat = endpoint == "chat.completions"
     id_ = f"chatcmpl-{job.job_id}" if chat else f"cmpl-{job.job_id}"
     options = payload.get("stream_options")

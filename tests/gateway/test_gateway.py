@@ -30,7 +30,7 @@ def chat(text: str) -> list[Any]:
 
 
 async def test_models_lists_only_routable_models(ns: Namespace) -> None:
-    live, gone = ns.model("live"), ns.model("gone")
+    live, gone, never = ns.model("live"), ns.model("gone"), ns.model("never")
     async with stack(ns) as s:
         await s.add_worker(fake_llm, live)
         leaving = await s.add_worker(fake_llm, gone)
@@ -45,9 +45,18 @@ async def test_models_lists_only_routable_models(ns: Namespace) -> None:
         assert [m.id for m in listed.data] == [live]
 
         assert (await client.models.retrieve(live)).id == live
-        with pytest.raises(openai.NotFoundError) as info:
+        # Known to the controller, no live worker: 503, like a chat request for it would get.
+        with pytest.raises(openai.InternalServerError) as down:
             await client.models.retrieve(gone)
-        assert gone in info.value.message
+        assert down.value.status_code == 503
+        assert gone in down.value.message
+        assert down.value.body["code"] == 50005  # type: ignore[index]
+        assert down.value.response.headers["x-should-retry"] == "false"
+        assert down.value.response.headers["retry-after"] == "10"
+        # Never served: 404 model_not_found.
+        with pytest.raises(openai.NotFoundError) as info:
+            await client.models.retrieve(never)
+        assert never in info.value.message
         assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
 
 
@@ -157,11 +166,16 @@ async def test_plain_handler_answers_are_wrapped_in_openai_shapes(ns: Namespace)
 
     async with stack(ns) as s:
         await s.add_worker(plain, model)
-        stream = await s.openai().chat.completions.create(
-            model=model, messages=chat("x"), stream=True
-        )
-        pieces = [c.choices[0].delta.content async for c in stream]
-    assert pieces == ["plain", " text"]
+        client = s.openai()
+        stream = await client.chat.completions.create(model=model, messages=chat("x"), stream=True)
+        chunks = [c async for c in stream]
+        whole = await client.chat.completions.create(model=model, messages=chat("x"))
+    assert [c.choices[0].delta.content for c in chunks] == ["plain", " text", None]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks] == [None, None, "stop"]
+    # Not streamed, the generator's chunks are its result: their text, joined.
+    assert whole.choices[0].message.content == "plain text"
+    assert whole.choices[0].finish_reason == "stop"
 
 
 # -- embeddings -------------------------------------------------------------------------------
@@ -191,9 +205,32 @@ async def test_embeddings(ns: Namespace) -> None:
 # -- errors -----------------------------------------------------------------------------------
 
 
-async def test_no_worker_is_503_with_code_50005(ns: Namespace) -> None:
+async def test_no_worker_for_an_unknown_model_is_404_model_not_found(ns: Namespace) -> None:
     model = ns.model("nobody")
     async with stack(ns) as s:
+        client = s.openai()
+        for stream in (False, True):
+            with pytest.raises(openai.NotFoundError) as info:
+                await client.chat.completions.create(
+                    model=model, messages=chat("anyone?"), stream=stream
+                )
+            assert info.value.status_code == 404
+            assert info.value.response.headers["x-should-retry"] == "false"
+            body: Any = info.value.body
+            assert body["code"] == "model_not_found"
+            assert body["param"] == "model"
+            assert body["type"] == "not_found_error"
+            assert model in body["message"]
+            assert "NO_WORKER" in body["message"]
+            assert "job=" in body["message"]
+
+
+async def test_no_worker_for_a_known_model_is_503_with_retry_after(ns: Namespace) -> None:
+    model = ns.model("gone")
+    async with stack(ns) as s:
+        leaving = await s.add_worker(fake_llm, model)
+        await leaving.stop()
+        await s.wait_routable(model, routable=False)
         client = s.openai()
         for stream in (False, True):
             with pytest.raises(openai.InternalServerError) as info:
@@ -201,12 +238,14 @@ async def test_no_worker_is_503_with_code_50005(ns: Namespace) -> None:
                     model=model, messages=chat("anyone?"), stream=stream
                 )
             assert info.value.status_code == 503
+            headers = info.value.response.headers
+            assert headers["x-should-retry"] == "false"
+            assert headers["retry-after"] == "10"
             body: Any = info.value.body
             assert body["code"] == 50005
             assert body["type"] == "service_unavailable_error"
             assert model in body["message"]
             assert "NO_WORKER" in body["message"]
-            assert "job=" in body["message"]
 
 
 async def test_invalid_requests_are_400(ns: Namespace) -> None:
@@ -231,7 +270,14 @@ async def test_invalid_requests_are_400(ns: Namespace) -> None:
             headers={"content-type": "application/json"},
         )
         assert response.status_code == 400
-        assert response.json()["error"]["code"] == 40001
+        error = response.json()["error"]
+        assert error["code"] == 40001
+        assert error["param"] is None
+        assert error["message"] == (
+            "request body is not valid JSON: Expecting property name enclosed in double quotes "
+            "at line 1, column 2"
+        )
+        assert response.headers["x-should-retry"] == "false"
 
         # A model name modelfleet cannot route (InvalidModelError).
         with pytest.raises(openai.BadRequestError) as info:
@@ -247,7 +293,9 @@ async def test_invalid_requests_are_400(ns: Namespace) -> None:
         body: Any = info.value.body
         assert body["code"] == 40001
         assert "'delay'" in body["message"]
+        assert body["param"] == "delay"
         assert model in body["message"]
+        assert info.value.response.headers["x-should-retry"] == "false"
 
 
 async def test_api_keys_are_required_when_configured(ns: Namespace) -> None:
@@ -311,6 +359,7 @@ async def test_timeout_is_504_with_code_50006(ns: Namespace) -> None:
                 model=model, messages=chat("too slow " * 5), extra_body={"delay": 0.5}
             )
         assert info.value.status_code == 504
+        assert info.value.response.headers["x-should-retry"] == "false"
         body: Any = info.value.body
         assert body["code"] == 50006
         assert model in body["message"]
@@ -324,6 +373,7 @@ async def test_worker_error_is_500_with_code_50001(ns: Namespace) -> None:
         with pytest.raises(openai.InternalServerError) as info:
             await s.openai().chat.completions.create(model=model, messages=chat("x"))
     assert info.value.status_code == 500
+    assert info.value.response.headers["x-should-retry"] == "false"
     body: Any = info.value.body
     assert body["code"] == 50001
     assert "this handler always fails" in body["message"]
@@ -383,6 +433,8 @@ async def test_overloaded_queue_is_429(ns: Namespace) -> None:
             with pytest.raises(openai.RateLimitError) as info:
                 await task
             assert info.value.status_code == 429
+            assert info.value.response.headers["x-should-retry"] == "true"
+            assert info.value.response.headers["retry-after"] == "2"
             body: Any = info.value.body
             assert body["code"] == 42903
             assert "full" in body["message"]

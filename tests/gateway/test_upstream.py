@@ -126,7 +126,7 @@ async def test_disconnect_reaches_the_upstream(ns: Namespace, upstream: Upstream
         assert served.worker.counters["cancelled"] == 1
 
         async def upstream_saw_it() -> bool:
-            return (await upstream.stats())["streams_cancelled"] == cancelled_before + 1
+            return bool((await upstream.stats())["streams_cancelled"] == cancelled_before + 1)
 
         await wait_for(upstream_saw_it, timeout=5, what="the upstream's stream cancelled")
 
