@@ -60,6 +60,7 @@ from aio_pika.abc import (
 )
 
 from modelfleet.jobs import Job
+from modelfleet.notices import Refusal, parse_refusal
 from modelfleet.topology import Topology, json_message
 
 __all__ = [
@@ -266,8 +267,12 @@ class JobCanceller:
         cancel_running: bool = True,
         clock: Callable[[], float] = time.monotonic,
         memory: CancelledJobs | None = None,
+        on_refusal: Callable[[Refusal], None] | None = None,
     ) -> None:
         self.instance = f"{instance}-{token_hex(3)}"
+        # Called with a controller's refusal notice (modelfleet.notices) for this worker.
+        self.worker_id = instance
+        self.on_refusal = on_refusal
         self.cancel_running = cancel_running
         self.clock = clock
         self.memory = memory or CancelledJobs()
@@ -385,6 +390,9 @@ class JobCanceller:
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
         parsed = parse_cancel(message.body)
         if parsed is None:
+            refusal = parse_refusal(message.body)
+            if refusal is not None and refusal.worker_id == self.worker_id and self.on_refusal:
+                self.on_refusal(refusal)
             return
         job_id, deadline, key = parsed
         if self.cancel(job_id, deadline, key):

@@ -74,6 +74,7 @@ from modelfleet.connections import connect
 from modelfleet.errors import BrokerError, ErrorCode
 from modelfleet.messages import ErrorReply, Heartbeat, check_model_name
 from modelfleet.metrics import ControllerMetrics, ModelFigures, WorkerFigures, reason_label
+from modelfleet.notices import NOTICE_EVERY_S, Notices, Refusal, refusal_body
 from modelfleet.registry import (
     EvictionHold,
     EvictionReason,
@@ -97,6 +98,16 @@ from modelfleet.topology import (
 )
 
 __all__ = ["Controller", "ControllerFailedError"]
+
+
+def _claimed_worker_id(body: bytes) -> str | None:
+    """The worker id a heartbeat we drop claims, if it names one (for its refusal notice)."""
+    try:
+        data = json.loads(body[:MAX_HEARTBEAT_BYTES])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    worker_id = data.get("worker_id") if isinstance(data, dict) else None
+    return worker_id[:256] if isinstance(worker_id, str) and worker_id else None
 
 
 class ControllerFailedError(BrokerError):
@@ -183,6 +194,10 @@ class Controller:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._stats_channel: AbstractChannel | None = None
+        # Refused heartbeats, told to their workers (modelfleet.notices) on a plain channel
+        # of their own: a missing control exchange closes only that one.
+        self.notices = Notices()
+        self._notice_channel: AbstractChannel | None = None
         self._jobs: AbstractExchange | None = None
         self._dead: AbstractExchange | None = None
         self._hb_channel: AbstractRobustChannel | None = None
@@ -428,6 +443,31 @@ class Controller:
                 "dropping invalid heartbeat (%s): %s (logged once per cause)", cause, detail
             )
 
+    def _refuse(self, worker_id: str | None, cause: str, text: str) -> None:
+        """Tell the worker (if it named itself) why its heartbeats are dropped."""
+        if worker_id:
+            self.notices.refuse(Refusal(worker_id, cause, text), self.clock())
+
+    async def _send_notices(self) -> None:
+        """Publish the refusals due to ``{ns}.control`` (every worker's control queue)."""
+        due = self.notices.take(self.clock())
+        if not due or self._connection is None:
+            return
+        channel = self._notice_channel
+        try:
+            if channel is None or channel.is_closed:
+                channel = aio_pika.Channel(self._connection, publisher_confirms=False)
+                await channel.initialize()
+                self._notice_channel = channel
+            exchange = await channel.get_exchange(self.names.control, ensure=False)
+            for refusal in due:
+                await exchange.publish(
+                    json_message(refusal_body(refusal), expiration=NOTICE_EVERY_S),
+                    routing_key="",
+                )
+        except Exception as exc:  # a notice is only a log line on the worker: never fatal
+            self._warn("notices", "cannot tell workers why they are refused (%s)", exc)
+
     def handle_heartbeat(self, body: bytes) -> Observation | None:
         """Validate and record one heartbeat body (public for tests and benchmarks)."""
         if len(body) > MAX_HEARTBEAT_BYTES:
@@ -450,14 +490,23 @@ class Controller:
         if not started_at_plausible(hb.started_at, wall_now):
             # A later started_at wins over the live entry: one far in the future would hide
             # the real worker of that id until the clock got there.
-            self._drop("clock", f"worker {hb.worker_id}: started_at {hb.started_at} is ahead")
+            text = f"worker {hb.worker_id}: started_at {hb.started_at} is ahead"
+            self._drop("clock", text)
+            self._refuse(hb.worker_id, "clock", f"{text} of the controller's clock")
             return None
         if not self._admit_models(hb.models):
             observation = Observation.REFUSED
         else:
             observation = self.registry.observe(hb, now=self.clock(), wall_now=wall_now)
         if observation is Observation.REFUSED:
-            self._drop("models_cap", f"worker {hb.worker_id} would exceed routing.max_models")
+            text = f"worker {hb.worker_id} would exceed routing.max_models"
+            self._drop("models_cap", text)
+            self._refuse(
+                hb.worker_id,
+                "models_cap",
+                f"{text} ({self.settings.routing.max_models}): its models {list(hb.models)} "
+                "are not routed",
+            )
             return observation
         self.metrics.heartbeats.inc()
         lag = wall_now - hb.sent_at
@@ -649,7 +698,9 @@ class Controller:
         user_id = properties.user_id
         if not heartbeat_sender_allowed(user_id, self.settings.security.heartbeat_users):
             sender = "no user_id" if user_id is None else f"user {user_id!r}"
-            self._drop("user", f"heartbeat from {sender[:120]}, not in security.heartbeat_users")
+            text = f"heartbeat from {sender[:120]}, not in security.heartbeat_users"
+            self._drop("user", text)
+            self._refuse(_claimed_worker_id(message.body), "user", text)
             return
         self.handle_heartbeat(message.body)
 
@@ -1164,6 +1215,7 @@ class Controller:
         while True:
             try:
                 await asyncio.wait_for(self.refresh_queue_counts(), ROUND_TIMEOUT_S)
+                await asyncio.wait_for(self._send_notices(), ROUND_TIMEOUT_S)
                 self._rounds += 1
                 if self._rounds % REBIND_EVERY_ROUNDS == 0 or self._base_suspect:
                     await asyncio.wait_for(self._reassert_base(), ROUND_TIMEOUT_S)

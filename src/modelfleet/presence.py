@@ -134,10 +134,11 @@ class QueueLooks:
         seen = self._seen.get(queue)
         return self.UNKNOWN if seen is None else seen[1]
 
-    async def consumers(self, queue: str) -> int | None:
-        """The consumer count of ``queue``; None if it does not exist; UNKNOWN if unsure."""
+    async def consumers(self, queue: str, *, fresh: bool = False) -> int | None:
+        """The consumer count of ``queue``; None if it does not exist; UNKNOWN if unsure.
+        ``fresh``: look now, whatever an earlier look found (before acting on an absence)."""
         seen = self._seen.get(queue)
-        if seen is not None and self._clock() - seen[0] < self._max_age_s:
+        if not fresh and seen is not None and self._clock() - seen[0] < self._max_age_s:
             return seen[1]
         inflight = self._inflight.get(queue)
         if inflight is not None:

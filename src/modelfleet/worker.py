@@ -87,6 +87,7 @@ from modelfleet.messages import (
     WorkerState,
     check_model_name,
 )
+from modelfleet.notices import Refusal
 from modelfleet.presence import ControllerWatch, QueueLooks, unserved_worker_text
 from modelfleet.publishing import publish_on, reply_properties
 from modelfleet.security import amqp_user, declare_where_allowed
@@ -444,7 +445,9 @@ class Worker:
         self.cancels = JobCanceller(
             self.worker_id,
             cancel_running=self._kind in (_HandlerKind.ASYNC, _HandlerKind.ASYNC_GEN),
+            on_refusal=self._refused,
         )
+        self.refusal: Refusal | None = None  # the last controller refusal heard (notices)
         self._paused = False  # pause(): consumers cancelled, state draining, until resume()
         self._acks = AckBatcher()  # finished jobs are acked in batches, one per loop turn
 
@@ -879,6 +882,18 @@ class Worker:
                 "worker %s: %s (logged at most once a minute)",
                 self.worker_id,
                 unserved_worker_text(self.names, list(self.models), absent_s),
+            )
+
+    def _refused(self, refusal: Refusal) -> None:
+        """A controller refuses this worker's heartbeats: say why (once a minute per cause)."""
+        self.refusal = refusal
+        if self._time_to_log(f"refused:{refusal.cause}"):
+            log.warning(
+                "worker %s: a controller refuses its heartbeats (%s): %s; its queue(s) stay "
+                "unbound until that changes (logged at most once a minute)",
+                self.worker_id,
+                refusal.cause,
+                refusal.message,
             )
 
     async def _rebind_control(self) -> None:
