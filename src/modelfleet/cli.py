@@ -495,6 +495,8 @@ def _run_status(settings: Settings, args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         document = {
             "namespace": health.get("namespace"),
+            # False: the controller at this address serves another namespace than the settings.
+            "namespace_matches": health.get("namespace") == settings.namespace,
             "controller": {"url": base, **health},
             "models": models,
             "workers": workers,

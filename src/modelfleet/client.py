@@ -80,7 +80,13 @@ from modelfleet.messages import (
     check_model_name,
     parse_reply,
 )
-from modelfleet.presence import ControllerWatch, QueueLooks, no_controller_text
+from modelfleet.presence import (
+    LOOK_MAX_AGE_S,
+    ControllerWatch,
+    QueueLooks,
+    no_controller_text,
+    stranded_text,
+)
 from modelfleet.publishing import closing, job_properties, publish_on
 from modelfleet.security import declare_where_allowed
 from modelfleet.topology import DEADLINE_HEADER, Names, Topology
@@ -182,6 +188,8 @@ class Client:
         # Is a controller there to answer unroutable jobs? (modelfleet.presence)
         self._looks: QueueLooks | None = None
         self._warned_no_controller_at = -_WATCHDOG_LOG_EVERY_S
+        self._stranding = asyncio.Lock()
+        self._presence: asyncio.Task[None] | None = None
         self.controllers = ControllerWatch(
             remember_s=max(2 * self.settings.heartbeat.timeout_s, CONTROLLER_GRACE_S)
         )
@@ -225,6 +233,9 @@ class Client:
                 first = await self._looks.consumers(self.names.unroutable)
                 if first != QueueLooks.UNKNOWN:
                     self.controllers.saw(first, time.monotonic())
+                self._presence = asyncio.create_task(
+                    self._presence_loop(self._looks), name="modelfleet-client-presence"
+                )
         except Exception:
             await self.close()
             raise
@@ -258,6 +269,11 @@ class Client:
                 canceller.send(job.job_id, job.deadline_epoch(), key=job.key)
         if canceller is not None:
             await canceller.aclose()  # the last cancels go out first
+        presence, self._presence = self._presence, None
+        if presence is not None:
+            presence.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await presence
         looks, self._looks = self._looks, None
         if looks is not None:
             await looks.aclose()
@@ -448,6 +464,28 @@ class Client:
         unanswerable = await self._unanswerable(job.model)
         if unanswerable is not None:
             raise NoWorkerError(unanswerable, model=job.model, job_id=job.job_id)
+        looks = self._looks
+        if looks is None or self.controllers.absent_since is None:
+            await self._send(job)
+            return
+        # No controller now: did the job go to {ns}.unroutable, where only a controller answers?
+        # One publish at a time, so that the queue's count says whose job it was.
+        async with self._stranding:
+            before = await looks.messages(self.names.unroutable, fresh=True)
+            await self._send(job)
+            after = await looks.messages(self.names.unroutable, fresh=True)
+        if before == QueueLooks.UNKNOWN or after <= before:
+            return
+        job.stranded = True
+        if self.controllers.gone(time.monotonic()):
+            raise NoWorkerError(
+                stranded_text(self.names, job.model), model=job.model, job_id=job.job_id
+            )
+        # A controller seen lately may come back and answer it; if none does within
+        # ControllerWatch.remember_s, the presence loop fails it.
+
+    async def _send(self, job: _Job) -> None:
+        """Publish ``job`` until the broker confirms it (the loop of :meth:`_publish`)."""
         now = time.time()
         remaining = max(job.deadline - time.monotonic(), 0.001)
         properties = job_properties(
@@ -573,6 +611,35 @@ class Client:
                     )
                 return None
         return no_controller_text(self.names, model, unroutable_exists=controllers is not None)
+
+    async def _presence_loop(self, looks: QueueLooks) -> None:
+        """Look for a controller once a second, so that its absence is known from when it
+        began; fail the stranded jobs (modelfleet.presence) once it is gone for good."""
+        while not self._closing:
+            await asyncio.sleep(LOOK_MAX_AGE_S)
+            controllers = await looks.consumers(self.names.unroutable, fresh=True)
+            if controllers == QueueLooks.UNKNOWN:
+                continue
+            now = time.monotonic()
+            self.controllers.saw(controllers, now)
+            stranded = [job for job in self._pending.values() if job.stranded]
+            if not stranded:
+                continue
+            if controllers:
+                for job in stranded:
+                    job.stranded = False  # a controller answers what waits in the queue
+            elif self.controllers.gone(now):
+                for job in stranded:
+                    job.stranded = False
+                    job.replies.put_nowait(
+                        ErrorReply.build(
+                            ErrorCode.NO_WORKER,
+                            stranded_text(self.names, job.model),
+                            model=job.model,
+                            job_id=job.job_id,
+                        )
+                    )
+                    self._abandoned(job)  # it waits in {ns}.unroutable: cancel it there too
 
     def no_controller_note(self) -> str:
         """A clause for a timeout's message when no controller was seen lately (else "")."""
@@ -711,6 +778,9 @@ class _Job:
         self.sent_epoch = -1  # the client's channel epoch of that confirm
         self.last_error: BaseException | None = None  # why the last publish attempt failed
         self.answered = False  # a final answer (result or error) came
+        # Sent while no controller was there, into {ns}.unroutable (modelfleet.presence): it
+        # fails with NO_WORKER if no controller comes back within the grace.
+        self.stranded = False
 
     def _remaining(self) -> float:
         return max(self.deadline - time.monotonic(), 0)

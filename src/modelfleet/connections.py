@@ -57,6 +57,18 @@ Correctness (aio-pika or aiormq would otherwise get it wrong):
 * Worker and controller rely on aiormq 7 cancelling a channel's consumer tasks when it closes
   (a delivery's handler task then ends without settling anything) —
   ``integration/test_worker_recovery.py::test_a_channel_error_on_the_job_channel_does_not_stop_the_worker``.
+
+Readable failures:
+
+* :func:`connect_failure` (every connect here) — RabbitMQ answers ``Connection.Open`` of a
+  missing virtual host, or one the user may not use, with ``Connection.Close`` (530
+  NOT_ALLOWED); aiormq 7 raises ``InvalidFrameError`` naming only that frame's ``repr``. Its
+  reply code and text are read from the local ``frame`` of aiormq's ``Connection._rpc``, which
+  the exception's traceback keeps; without it (another aiormq) the refused ``Connection.OpenOk``
+  named in the message still tells the case, only the broker's own words are missing —
+  ``integration/test_connect_errors.py`` (a missing vhost, a user without permissions, a vhost
+  at its connection limit, a wrong password, through both connects and the command line; the
+  fallback without the frame).
 """
 
 from __future__ import annotations
@@ -64,10 +76,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
 import socket
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 
 from modelfleet.coalesce import CoalescingRobustConnection
@@ -75,7 +89,7 @@ from modelfleet.config import AmqpSettings
 from modelfleet.errors import BrokerError, ConfigError
 from modelfleet.security import ssl_context
 
-__all__ = ["connect", "connect_plain", "redact"]
+__all__ = ["connect", "connect_failure", "connect_plain", "redact", "refusal_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +101,67 @@ def redact(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+# RabbitMQ's reply codes for a connection it refuses while opening.
+ACCESS_REFUSED = 403  # a bad login (aiormq: ProbableAuthenticationError)
+NOT_ALLOWED = 530  # Connection.Open refused: no such vhost, no permission on it, a limit
+# How aiormq 7 words a Connection.Close sent in answer to Connection.Open.
+_OPEN_REFUSED = "Expected one of ['Connection.OpenOk'], got <Connection.Close"
+
+
+def refusal_reason(code: int | None, text: str | None, *, vhost: str, user: str) -> str:
+    """Why RabbitMQ refused a new connection, saying what to check: from the reply code and
+    text of the ``Connection.Close`` it answered with (``text`` None when unknown). For 530
+    NOT_ALLOWED, say: ``virtual host 'novhost' does not exist or user 'guest' may not use it
+    (rabbitmqctl list_permissions -p novhost); RabbitMQ said: NOT_ALLOWED - vhost novhost not
+    found``.
+    """
+    said = f"; RabbitMQ said: {' '.join(text.split())}" if text else ""
+    if code == NOT_ALLOWED:
+        if text and "limit" in text.lower():
+            return f"RabbitMQ refused user {user!r} on virtual host {vhost!r}{said}"
+        return (
+            f"virtual host {vhost!r} does not exist or user {user!r} may not use it "
+            f"(rabbitmqctl list_permissions -p {shlex.quote(vhost)}){said}"
+        )
+    if code == ACCESS_REFUSED:
+        return (
+            f"user {user!r} could not log in: wrong password, no such user, or a user that may "
+            f"log in from localhost only (as guest by default){said}"
+        )
+    shown = f" ({code})" if code is not None else ""
+    return f"RabbitMQ closed the connection{shown}{said}"
+
+
+def _close_frame(exc: BaseException) -> aiormq.spec.Connection.Close | None:
+    """The ``Connection.Close`` behind an aiormq ``InvalidFrameError``: the local ``frame`` of
+    ``Connection._rpc`` where it was raised, kept by the traceback (see the module doc)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame.f_locals.get("frame")
+        if isinstance(frame, aiormq.spec.Connection.Close):
+            return frame
+        tb = tb.tb_next
+    return None
+
+
+def connect_failure(exc: BaseException, url: str) -> str:
+    """What went wrong connecting to ``url``, in one line: a refusal by RabbitMQ in words that
+    say what to check (:func:`refusal_reason`), anything else as the exception says it."""
+    parts = urlsplit(url)
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    user = unquote(parts.username) if parts.username else "guest"
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else None
+        return refusal_reason(ACCESS_REFUSED, text, vhost=vhost, user=user)
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError):
+        close = _close_frame(exc)
+        if close is not None:
+            return refusal_reason(close.reply_code, close.reply_text, vhost=vhost, user=user)
+        if _OPEN_REFUSED in str(exc):
+            return refusal_reason(NOT_ALLOWED, None, vhost=vhost, user=user)
+    return " ".join((str(exc) or type(exc).__name__).split())
 
 
 def _with_params(url: str, amqp: AmqpSettings, name: str) -> str:
@@ -121,7 +196,7 @@ async def connect(
             timeout=amqp.connect_timeout_s,
         )
     except (TimeoutError, OSError, aio_pika.exceptions.AMQPError, ConfigError) as exc:
-        reason = str(exc) or type(exc).__name__
+        reason = connect_failure(exc, target)
         raise BrokerError(f"cannot connect to RabbitMQ at {redact(target)}: {reason}") from exc
 
 
@@ -137,5 +212,5 @@ async def connect_plain(amqp: AmqpSettings, *, role: str) -> AbstractConnection:
             timeout=amqp.connect_timeout_s,
         )
     except (TimeoutError, OSError, aio_pika.exceptions.AMQPError, ConfigError) as exc:
-        reason = str(exc) or type(exc).__name__
+        reason = connect_failure(exc, amqp.url)
         raise BrokerError(f"cannot connect to RabbitMQ at {redact(amqp.url)}: {reason}") from exc

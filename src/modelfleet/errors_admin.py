@@ -46,7 +46,9 @@ and a fresh deadline (expiration, ``x-mf-deadline`` and the body's ``deadline``)
 ``--keep-reply-to``; with ``--wait`` it is this command's own direct reply-to, and the command
 waits for each answer until the job's new deadline. It is published with a publisher confirm
 first and removed from the error queue after, so a crash in between leaves it in both places
-(never in neither).
+(never in neither). ``errors replay`` says each job's outcome once, on stdout, and ends with one
+``REPLAY_FAILED`` failure on stderr (:func:`replay_failure`) when any job was not replayed or,
+under ``--wait``, failed again or did not answer.
 """
 
 from __future__ import annotations
@@ -97,7 +99,10 @@ from modelfleet.topology import (
 )
 
 __all__ = [
+    "KNOWN_REASONS",
     "MIN_PREFIX",
+    "REPLAY_FAILED",
+    "UNKNOWN_REASON",
     "Aged",
     "Answer",
     "DeadJob",
@@ -117,6 +122,7 @@ __all__ = [
     "parse_version",
     "purge_errors",
     "replay_errors",
+    "replay_failure",
     "returns_warning",
     "run_errors",
     "show_error",
@@ -160,7 +166,11 @@ RETURNS_WARNING = 10
 DEFAULT_DELIVERY_LIMIT = 20
 # --wait waits this much longer than the replayed job's deadline, for its answer to travel.
 WAIT_GRACE_S = 1.0
-_KNOWN_REASONS = (
+# Every reason a copy can have (the choices of --reason): modelfleet's own (x-mf-reason),
+# the broker's x-death reasons in our words (topology.dead_reason maps expired, rejected,
+# delivery_limit and maxlen), and "unknown" for a copy that records neither.
+UNKNOWN_REASON = "unknown"
+KNOWN_REASONS = (
     DeadReason.NO_WORKER,
     DeadReason.WORKER_ERROR,
     DeadReason.INVALID,
@@ -168,7 +178,11 @@ _KNOWN_REASONS = (
     DeadReason.DELIVERY_LIMIT,
     DeadReason.OVERLOADED,
     DeadReason.REJECTED,
+    UNKNOWN_REASON,
 )
+# The failure `errors replay` ends with when a chosen job was not replayed or, under --wait,
+# failed again or did not answer (each job's own outcome is on stdout).
+REPLAY_FAILED = "REPLAY_FAILED"
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # a job failed (again), or nothing matched (NOT_FOUND)
@@ -346,6 +360,40 @@ def returns_warning(version: tuple[int, ...] | None, most_returned: int, queue: 
         f"the limit: rabbitmqctl set_policy mf-errors '^{re.escape(queue)}$' "
         f"'{{\"delivery-limit\":-1}}' --apply-to quorum_queues"
     )
+
+
+def replay_failure(
+    *,
+    replayed: int,
+    not_replayed: int = 0,
+    failed_again: int = 0,
+    no_answer: int = 0,
+    waited_s: float | None = None,
+    queue: str,
+) -> str | None:
+    """The one failure line ``errors replay`` ends with (each job's own outcome is printed on
+    stdout before it): how many chosen jobs were not replayed, and under ``--wait`` how many
+    replayed ones failed again or did not answer. None when every job went well.
+
+    >>> replay_failure(replayed=3, failed_again=1, queue="ns.errors")
+    '1 of 3 replayed jobs failed again'
+    """
+    parts: list[str] = []
+    if failed_again:
+        parts.append(f"{failed_again} of {replayed} replayed {_jobs(replayed)} failed again")
+    if no_answer:
+        within = f" within {waited_s:g}s" if waited_s is not None else ""
+        parts.append(f"{no_answer} of {replayed} replayed {_jobs(replayed)} did not answer{within}")
+    if not_replayed:
+        chosen = replayed + not_replayed
+        parts.append(
+            f"{not_replayed} of {chosen} chosen {_jobs(chosen)} not replayed, left in {queue}"
+        )
+    return "; ".join(parts) or None
+
+
+def _jobs(count: int) -> str:
+    return "job" if count == 1 else "jobs"
 
 
 # -- reading the queue -----------------------------------------------------------------------
@@ -944,7 +992,10 @@ def add_errors_parser(
     filters = argparse.ArgumentParser(add_help=False)
     filters.add_argument("--model", metavar="M", help="only jobs of model M")
     filters.add_argument(
-        "--reason", metavar="R", help=f"only jobs dead for reason R ({', '.join(_KNOWN_REASONS)})"
+        "--reason",
+        metavar="R",
+        choices=KNOWN_REASONS,
+        help=f"only jobs dead for reason R: {', '.join(KNOWN_REASONS)}",
     )
     ids_help = (
         f"a job id, or its first {MIN_PREFIX}+ characters when they name exactly one job "
@@ -1041,9 +1092,13 @@ often: `list` warns there, and a policy lifts the limit, for example
   rabbitmqctl set_policy mf-errors '^NS\\.errors$' '{{"delivery-limit":-1}}' \\
       --apply-to quorum_queues
 
+`replay` prints each job's outcome once, on stdout; when a job was not replayed, or under
+--wait failed again or did not answer, it ends with one REPLAY_FAILED line on stderr that
+counts them.
+
 Exit codes: 0 done; 1 nothing matched (NOT_FOUND), a job was not replayed, or under --wait a
-replayed job failed again or did not answer; 2 bad usage (an ambiguous or short prefix);
-3 RabbitMQ unreachable or refusing (BROKER_ERROR).
+replayed job failed again or did not answer (REPLAY_FAILED); 2 bad usage (an ambiguous or
+short prefix, an unknown --reason); 3 RabbitMQ unreachable or refusing (BROKER_ERROR).
 """
 
 
@@ -1293,7 +1348,9 @@ async def _run_replay(
     if not outcome.replayed and not outcome.failed:
         return _nothing_matched(names, json_mode)
     timeout = settings.client.timeout_s if args.timeout is None else args.timeout
-    code = EXIT_FAILED if outcome.failed else EXIT_OK
+    waited = f"{outcome.waited_s:g}s" if outcome.waited_s is not None else "the wait"
+    # Each job's outcome is said once, on stdout (a line, or a record of the JSON document);
+    # what went wrong is summed up in one failure line on stderr at the end (replay_failure).
     records: list[dict[str, Any]] = []
     for job in outcome.replayed:
         record: dict[str, Any] = {
@@ -1306,8 +1363,7 @@ async def _run_replay(
         head = f"replayed {job.job_id} to model {job.model} as job {job.job_id} (was {job.reason})"
         answer = outcome.answers.get(job.job_id)
         if answer is None:
-            if not json_mode:
-                print(f"{head}; {_answer_goes(outcome, job, args.keep_reply_to)}")
+            line = f"{head}; {_answer_goes(outcome, job, args.keep_reply_to)}"
         else:
             record.update(
                 outcome=answer.status,
@@ -1317,45 +1373,27 @@ async def _run_replay(
                 seconds=answer.seconds,
             )
             if answer.status == "ok":
-                if not json_mode:
-                    took = f" in {answer.seconds:g}s" if answer.seconds is not None else ""
-                    print(f"{head}: answered (ok){took}")
+                took = f" in {answer.seconds:g}s" if answer.seconds is not None else ""
+                line = f"{head}: answered (ok){took}"
             elif answer.status == "failed":
-                code = EXIT_FAILED
-                if not json_mode:
-                    print(f"{head}: failed again with {answer.error}: {answer.message}")
-                report_error(
-                    answer.error or ErrorCode.WORKER_ERROR.name,
-                    f"the replayed job failed again: {answer.message}",
-                    json_mode=json_mode,
-                    code=answer.code,
-                    model=job.model,
-                    job_id=job.job_id,
-                )
+                error = answer.error or ErrorCode.WORKER_ERROR.name
+                line = f"{head}: failed again with {error}: {answer.message}"
             else:
-                code = EXIT_FAILED
-                waited = f"{outcome.waited_s:g}s" if outcome.waited_s is not None else "the wait"
-                if not json_mode:
-                    print(f"{head}: no answer within {waited}")
-                report_error(
-                    ErrorCode.WORKER_TIMEOUT.name,
-                    f"the replayed job did not answer within {waited} (its {timeout:g}s "
-                    f"deadline and {WAIT_GRACE_S:g}s more); it may still be queued or running, "
-                    f"or have died again into {names.errors}",
-                    json_mode=json_mode,
-                    code=int(ErrorCode.WORKER_TIMEOUT),
-                    model=job.model,
-                    job_id=job.job_id,
+                line = (
+                    f"{head}: no answer within {waited} (its {timeout:g}s deadline and "
+                    f"{WAIT_GRACE_S:g}s more); it may still be queued or running, or have died "
+                    f"again into {names.errors}"
                 )
+        if not json_mode:
+            print(line)
         records.append(record)
-    for refused in outcome.failed:
-        report_error(
-            refused.error,
-            f"not replayed, left in {names.errors}: {refused.message}",
-            json_mode=json_mode,
-            model=refused.job.model,
-            job_id=refused.job.job_id,
-        )
+    if not json_mode:
+        for refused in outcome.failed:
+            job = refused.job
+            print(
+                f"not replayed {job.job_id} (model {job.model}, was {job.reason}): "
+                f"{refused.error}: {refused.message}; left in {names.errors}"
+            )
     if json_mode:
         document = {
             "queue": names.errors,
@@ -1368,6 +1406,7 @@ async def _run_replay(
                 {
                     "job_id": r.job.job_id,
                     "model": r.job.model,
+                    "was": r.job.reason,
                     "error": r.error,
                     "message": r.message,
                 }
@@ -1388,8 +1427,20 @@ async def _run_replay(
                 f"; answered ok {statuses.count('ok')}, failed again "
                 f"{statuses.count('failed')}, no answer {statuses.count('no_answer')}"
             )
-        print(summary)
-    return code
+        print(summary, flush=True)
+    statuses = [a.status for a in outcome.answers.values()]
+    failure = replay_failure(
+        replayed=len(outcome.replayed),
+        not_replayed=len(outcome.failed),
+        failed_again=statuses.count("failed"),
+        no_answer=statuses.count("no_answer"),
+        waited_s=outcome.waited_s,
+        queue=names.errors,
+    )
+    if failure is None:
+        return EXIT_OK
+    report_error(REPLAY_FAILED, failure, json_mode=json_mode)
+    return EXIT_FAILED
 
 
 async def _run_purge(

@@ -20,7 +20,8 @@ A job's payload is the request body plus ``"endpoint"`` (``chat.completions``, `
 or ``embeddings``), so a handler knows what to answer (see :mod:`modelfleet.openai_shapes`;
 ``modelfleet.handlers:fake_llm`` and the upstream adapter, :mod:`modelfleet.upstream`, answer in
 OpenAI's shapes; any other answer is wrapped into them, and ``stop`` is then applied here).
-``n`` (and ``best_of``) above 1 are refused with 400: a job has one answer.
+``n`` (and ``best_of``) above 1, and a ``prompt`` list of more than one prompt, are refused
+with 400 naming the parameter, whatever the handler: a job has one answer.
 
 Errors come in OpenAI's error JSON, ``{"error": {"message", "type", "param", "code"}}``, with
 the HTTP status of their cause and headers that tell OpenAI clients whether a retry can help
@@ -38,13 +39,19 @@ another worker after text had been sent (the text cannot be taken back, nor spli
 new attempt's; the client should retry the request).
 
 Every request is counted and timed in ``/metrics`` and logged once at INFO (method, path,
-status, duration, model, job id): :mod:`modelfleet.gateway_metrics`.
+status, duration, model, job id; ``error=CODE_NAME`` for a stream that failed after its
+status line): :mod:`modelfleet.gateway_metrics`. httpx's own request lines (the gateway's calls
+to the status API) are kept out of the log (the ``httpx`` logger is set to WARNING).
+
+A port in use or a host that cannot be bound fails :meth:`Gateway.start` with a one-line
+:class:`~modelfleet.errors.ConfigError` (``modelfleet gateway`` prints it and exits 2).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import secrets
@@ -68,7 +75,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from modelfleet import __version__
 from modelfleet.client import Client, JobStream
 from modelfleet.config import Settings
-from modelfleet.errors import BrokerError, InvalidJobError, JobError, NoWorkerError
+from modelfleet.errors import BrokerError, ConfigError, InvalidJobError, JobError, NoWorkerError
 from modelfleet.gateway_errors import (
     ErrorAnswer,
     answer_for,
@@ -93,7 +100,14 @@ from modelfleet.openai_shapes import (
     stop_sequences,
 )
 
-__all__ = ["Gateway", "build_app", "default_controller_url", "run_gateway", "status_of"]
+__all__ = [
+    "Gateway",
+    "bind_error",
+    "build_app",
+    "default_controller_url",
+    "run_gateway",
+    "status_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -528,7 +542,10 @@ class _Jobs:
                 yield self._event(chunk, record)
             yield sse(DONE)
         except JobError as exc:
-            # Mid-stream: the status line is gone; OpenAI clients raise on an error event.
+            # Mid-stream: the status line is gone; OpenAI clients raise on an error event. The
+            # request log and /metrics say so (its status stays 200).
+            if record is not None:
+                record.error = exc.code.name
             yield sse(error_body(str(exc), answer_for(exc).type, code=int(exc.code)))
         finally:
             await job.aclose()  # cancels the job if the client left before its end
@@ -578,7 +595,10 @@ def build_app(
         "/models/{model:path}",
         summary="One model: 200 served now, 404 unknown, 503 known without a live worker",
     )
-    async def get_model(model: str) -> Response:
+    async def get_model(model: str, request: Request) -> Response:
+        record = record_of(request.scope)
+        if record is not None:
+            record.model = model
         return await jobs.model(model)
 
     @v1.post("/chat/completions", summary="Chat completion (stream: server-sent events)")
@@ -632,21 +652,53 @@ def build_app(
 # -- the process --------------------------------------------------------------------------------
 
 
+def _quiet_http_client_logs() -> None:
+    """httpx logs every request it makes at INFO ("HTTP Request: GET .../v1/models"): the
+    gateway's own calls to the status API are not requests it serves, so its log keeps only
+    its own request lines. Never lowers a level set higher."""
+    for name in ("httpx", "httpcore"):
+        logger = logging.getLogger(name)
+        logger.setLevel(max(logging.WARNING, logger.getEffectiveLevel()))
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield  # the Gateway handles SIGTERM/SIGINT itself, and closes its client after
 
 
+def bind_error(host: str, port: int, exc: OSError | OverflowError) -> str:
+    """The one line saying why ``host:port`` cannot be listened on, and what to change."""
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return (
+            f"gateway.port {port} on {host} is in use (another gateway?): pick another with "
+            "--port or gateway.port"
+        )
+    if isinstance(exc, OverflowError) or (
+        isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM)
+    ):
+        hint = "; ports below 1024 need privileges" if 0 < port < 1024 else ""
+        return (
+            f"gateway.port {port} on {host} cannot be used ({why}{hint}): pick another with "
+            "--port or gateway.port"
+        )
+    return (
+        f"gateway.host {host} cannot be bound ({why}): use an address of this machine "
+        "(127.0.0.1, or 0.0.0.0 for every interface) with --host or gateway.host"
+    )
+
+
 def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``, or :class:`ConfigError` saying why not."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-    except OSError:
+    except (OSError, OverflowError) as exc:
         sock.close()
-        raise
+        raise ConfigError(bind_error(host, port, exc)) from None
     sock.set_inheritable(True)
     return sock
 
@@ -698,11 +750,15 @@ class Gateway:
         await self.stop()
 
     async def start(self) -> None:
-        """Connect to RabbitMQ, then listen (port 0: a free port, see :attr:`port`)."""
-        await self.client.connect()
+        """Take the port, connect to RabbitMQ, then listen (port 0: a free port, see
+        :attr:`port`). A port or host that cannot be taken raises :class:`ConfigError` (one
+        line) before anything else is opened; on any failure, everything opened is closed."""
+        _quiet_http_client_logs()
+        sock: socket.socket | None = None
         try:
             sock = _bind(self.host, self.port)
             self.port = int(sock.getsockname()[1])
+            await self.client.connect()
             config = uvicorn.Config(
                 self.app,
                 log_config=None,  # keep modelfleet's logging set-up
@@ -722,6 +778,8 @@ class Gateway:
                     await asyncio.sleep(0.01)
         except BaseException:
             await self.stop()
+            if sock is not None:
+                sock.close()  # not served (closing a socket twice does nothing)
             raise
         log.info(
             "OpenAI-compatible gateway on %s (namespace %s, models from %s, docs at %s/docs)",

@@ -7,7 +7,12 @@ in one process do not collide; ``GET /metrics`` serves it. Labels are bounded: `
 the route template (``/v1/models/{model}``; unknown paths are ``other``) and ``status`` the HTTP
 status; no model label, since a model name is whatever a caller sends.
 
-Each request is logged once, at INFO on ``modelfleet.gateway``, when its answer is complete::
+A stream that fails after its status line (200) went out ends with an error event; the request
+is still counted with status 200, and also in ``modelfleet_gateway_stream_errors_total``, whose
+``code`` label is the error code's name (``WORKER_ERROR``, ``STREAM_RESTARTED``...: bounded).
+
+Each request is logged once, at INFO on ``modelfleet.gateway``, when its answer is complete
+(a failed stream's line ends with ``error=CODE_NAME``)::
 
     POST /v1/chat/completions status=200 duration=0.012s model=llama job=3f2a… stream=false
 """
@@ -100,6 +105,13 @@ class GatewayMetrics:
             ["endpoint"],
             registry=self.registry,
         )
+        self.stream_errors = Counter(
+            "modelfleet_gateway_stream_errors",
+            "Streams that failed after their status line (200) was sent, by endpoint and "
+            "error code name (WORKER_ERROR, STREAM_RESTARTED, ...)",
+            ["endpoint", "code"],
+            registry=self.registry,
+        )
         for endpoint in ENDPOINTS:  # 0 from the start, rather than "no data"
             self.in_flight.labels(endpoint)
 
@@ -120,6 +132,8 @@ class RequestRecord:
     stream: bool = False
     status: int | None = None
     first_token_s: float | None = None
+    # A stream that failed after its status line: the error code's name (``WORKER_ERROR``).
+    error: str | None = None
 
     def first_token(self, metrics: GatewayMetrics) -> None:
         """Note the first chunk with text (once)."""
@@ -129,13 +143,23 @@ class RequestRecord:
 
     def log_line(self, duration_s: float) -> str:
         line = (
-            f"{self.method} {self.path} status={self.status} duration={duration_s:.3f}s "
-            f"model={self.model or '-'} job={self.job_id or '-'} "
-            f"stream={'true' if self.stream else 'false'}"
+            f"{self.method} {_printable(self.path)} status={self.status} "
+            f"duration={duration_s:.3f}s model={_printable(self.model or '-')} "
+            f"job={self.job_id or '-'} stream={'true' if self.stream else 'false'}"
         )
         if self.first_token_s is not None:
             line += f" first_token={self.first_token_s:.3f}s"
+        if self.error is not None:
+            line += f" error={self.error}"
         return line
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: what a caller sends (a path, a model name)
+    cannot start a log line of its own."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def record_of(scope: Scope) -> RequestRecord | None:
@@ -184,4 +208,6 @@ class RequestObserver:
             record.status = status
             self.metrics.requests.labels(record.endpoint, str(status)).inc()
             self.metrics.duration.labels(record.endpoint).observe(duration)
+            if record.error is not None:
+                self.metrics.stream_errors.labels(record.endpoint, record.error).inc()
             access_log.info("%s", record.log_line(duration))

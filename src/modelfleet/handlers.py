@@ -7,8 +7,9 @@
   the whole text as its result ``{"text": ..., "words": n}``. A payload with an ``"endpoint"``
   (``chat.completions``, ``completions``, ``embeddings``: what the OpenAI gateway sends) is
   answered in OpenAI's shapes instead (:func:`modelfleet.openai_shapes.fake_openai`), with
-  ``stop`` and ``max_tokens`` honoured and what it cannot honour (``n`` above 1, ``logprobs``,
-  a JSON ``response_format``, a forced ``tool_choice``...) refused as an invalid job.
+  ``stop`` and ``max_tokens`` honoured and what it cannot honour (``n`` above 1, a ``prompt``
+  list of several prompts, ``logprobs``, a JSON ``response_format``, a forced
+  ``tool_choice``...) refused as an invalid job.
 * ``modelfleet.handlers:fail`` raises, to see WORKER_ERROR end to end.
 """
 

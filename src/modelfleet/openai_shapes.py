@@ -53,6 +53,7 @@ __all__ = [
     "is_openai_response",
     "model_list",
     "parse_sse_data",
+    "prompt_count",
     "refused_param",
     "sse",
     "stop_sequences",
@@ -101,9 +102,13 @@ class ChatCompletionRequest(_Request):
 
 class CompletionRequest(_Request):
     """``POST /v1/completions``; any other OpenAI field is forwarded to the worker (``n`` and
-    ``best_of`` above 1 are refused, ``stop`` as for chat)."""
+    ``best_of`` above 1 are refused, and so is a ``prompt`` list of several prompts; ``stop``
+    as for chat)."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="one prompt: a string or token ids (a list of several prompts is refused: "
+        "a request is one job, one answer)"
+    )
     stream: bool = False
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -544,11 +549,24 @@ class StreamShaper:
         return chunks
 
 
+def prompt_count(prompt: Any) -> int:
+    """How many prompts a completions ``prompt`` holds: a string or a list of token ids is one;
+    a list of strings or of token-id lists is a batch, one prompt per item."""
+    if isinstance(prompt, list):
+        if not prompt:
+            return 0
+        if all(isinstance(item, int) and not isinstance(item, bool) for item in prompt):
+            return 1  # one prompt, as tokens
+        return len(prompt)
+    return 1
+
+
 def refused_param(endpoint: str, payload: dict[str, Any]) -> tuple[str, str] | None:
     """A request parameter the gateway refuses for every handler: ``(param, message)``.
 
     A request is one job and a job has one answer, so ``n`` (and ``best_of``) above 1 cannot
-    be honoured; everything else goes to the handler."""
+    be honoured, nor a completions ``prompt`` list of several prompts (OpenAI answers one
+    choice per prompt); everything else goes to the handler."""
     names = ("n", "best_of") if endpoint == "completions" else ("n",)
     for name in names:
         value = payload.get(name)
@@ -557,7 +575,21 @@ def refused_param(endpoint: str, payload: dict[str, Any]) -> tuple[str, str] | N
                 f"{name}={value} is not supported: a request is one job with one answer, so "
                 f"only {name}=1 is; send {value} requests instead"
             )
+    if endpoint == "completions" and "prompt" in payload:
+        return _refused_prompt(payload["prompt"])
     return None
+
+
+def _refused_prompt(prompt: Any) -> tuple[str, str] | None:
+    count = prompt_count(prompt)
+    if count == 1:
+        return None
+    if count == 0:
+        return "prompt", "prompt is an empty list: send one prompt (a string)"
+    return "prompt", (
+        f"prompt is a list of {count} prompts, which is not supported: a request is one job "
+        f"with one answer, so only one prompt is; send {count} requests instead"
+    )
 
 
 _QUOTED_PARAM = re.compile(r"^(?:[\w.-]+: )?'([A-Za-z_][\w.]*)'")
@@ -783,8 +815,9 @@ async def fake_openai(job: Job) -> AsyncIterator[Any]:
     chunks when the job is streamed, each after ``delay`` seconds (a payload field, for tests
     and demos); the job's result is the whole OpenAI response. Embeddings: a deterministic unit
     vector per input (:func:`fake_embedding`), ``dimensions`` long (default 16), float or
-    base64. Parameters it cannot honour (``n`` above 1, ``logprobs``, a JSON
-    ``response_format``, a forced ``tool_choice``, audio, ``echo``, ``suffix``) are refused
+    base64. Parameters it cannot honour (``n`` above 1, a ``prompt`` list of several prompts,
+    ``logprobs``, a JSON ``response_format``, a forced ``tool_choice``, audio, ``echo``,
+    ``suffix``) are refused
     with INVALID_JOB naming them (see :func:`invalid_param`); sampling parameters are ignored.
     """
     payload: dict[str, Any] = job.payload
@@ -814,10 +847,18 @@ async def fake_openai(job: Job) -> AsyncIterator[Any]:
         prompt_tokens = _all_words(payload["messages"])
     else:
         prompt = payload.get("prompt")
+        count = prompt_count(prompt)
+        if count != 1:
+            raise job.invalid(
+                f"fake_llm: 'prompt' must be one prompt (a job has one answer), not a list of "
+                f"{count} prompts"
+            )
+        if isinstance(prompt, list) and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
         if isinstance(prompt, list):
-            prompt = prompt[0] if prompt and isinstance(prompt[0], str) else json.dumps(prompt)
+            prompt = json.dumps(prompt)  # token ids: the fake LLM answers with their text
         if not isinstance(prompt, str):
-            raise job.invalid("fake_llm: 'prompt' must be a string (or a list of strings)")
+            raise job.invalid("fake_llm: 'prompt' must be a string (or a list of one string)")
         words = prompt.split()
         prompt_tokens = len(words)
     pieces, finish = _generate(words, stops, max_tokens)

@@ -3,23 +3,25 @@
 A job goes to its model's queue only while a controller has bound that queue; any other job goes
 to ``{ns}.unroutable``, where a controller answers it (``NO_WORKER`` at once, or routes it on).
 With no controller at all (a wrong namespace, a controller that is not running) nobody answers
-and the producer would wait for its whole deadline. So before it publishes, the client looks:
+and the producer would wait for its whole deadline. So the client looks:
 
 * Does anyone consume ``{ns}.unroutable``? Every running controller does. The look is a passive
-  queue declaration (no permission needed beyond the connection's vhost), at most once a second
-  per client (:class:`QueueLooks`), shared by the jobs published meanwhile.
-* If nobody does, and this client never saw a controller or has missed it for ``remember_s``
-  (:class:`ControllerWatch`: a controller that was there may be restarting, or reconnecting
-  after a broker restart, and will answer what waits for it), and no worker consumes the job's
-  model queue either, nothing can answer
-  the job: it fails at once with ``NO_WORKER`` and a message naming the namespace
-  (:func:`no_controller_text`).
-* If a worker consumes the model's queue, the job is published: a queue bound by an earlier
-  controller serves it, and a job that goes to ``{ns}.unroutable`` waits there for a controller;
-  its timeout then says that no controller served the namespace.
+  queue declaration (no permission needed beyond the connection's vhost): once at connect, then
+  once a second in the background (:class:`QueueLooks`), so an absence is known from when it
+  began. A job is failed only on looks taken at that moment, never on a cached one.
+* A controller is *gone* (:class:`ControllerWatch`) when the looks find none and this client
+  never saw one, or has missed it for ``remember_s`` (a controller restarting, or everyone
+  reconnecting after a broker restart, is given that long to come back).
+* Gone, and no worker consumes the job's model queue either: nothing can answer the job, which
+  fails at once with ``NO_WORKER`` and a message naming the namespace (:func:`no_controller_text`).
+* Not there (gone or not yet): the job is published one at a time, with the message count of
+  ``{ns}.unroutable`` looked at before and after. A rise means the job went there (its queue is
+  not bound): it is *stranded*, and fails with ``NO_WORKER`` (:func:`stranded_text`) at once if
+  the controller is gone, or when the grace ends without one coming back; a controller that comes
+  back within it answers the job itself.
 
-The policies are pure (:class:`ControllerWatch`, :func:`no_controller_text`); :class:`QueueLooks`
-is the I/O.
+The policies are pure (:class:`ControllerWatch`, the texts); :class:`QueueLooks` is the I/O, and
+:class:`modelfleet.Client` acts on them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import aio_pika
 import aiormq
@@ -37,7 +40,14 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from modelfleet.topology import Names
 
-__all__ = ["ControllerWatch", "QueueLooks", "no_controller_text", "unserved_worker_text"]
+__all__ = [
+    "ControllerWatch",
+    "Look",
+    "QueueLooks",
+    "no_controller_text",
+    "stranded_text",
+    "unserved_worker_text",
+]
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +108,38 @@ def unserved_worker_text(names: Names, models: list[str], absent_s: float) -> st
     """The worker's warning when no controller has consumed ``{ns}.unroutable`` for a while."""
     return (
         f"no controller serves namespace {names.ns!r}: nothing has consumed "
-        f"{names.unroutable!r} for {absent_s:.0f}s, so the queue(s) of {', '.join(models)} stay "
-        "unbound and producers' jobs for them get no answer; start `modelfleet controller` "
-        f"with namespace {names.ns!r}, or check this worker's namespace (setting `namespace`, "
+        f"{names.unroutable!r} for {absent_s:.0f}s, so no controller binds the queue(s) of "
+        f"{', '.join(models)} (a binding left by an earlier controller still serves; jobs for an "
+        "unbound queue get no answer); start `modelfleet controller` with namespace "
+        f"{names.ns!r}, or check this worker's namespace (setting `namespace`, "
         "MODELFLEET_NAMESPACE, --namespace)"
     )
 
 
+def stranded_text(names: Names, model: str) -> str:
+    """The NO_WORKER message for a job that went to ``{ns}.unroutable`` with no controller."""
+    return (
+        f"no controller serves namespace {names.ns!r} (nothing consumes {names.unroutable!r}) "
+        f"and no controller has bound the queue of {model!r}: the job went to "
+        f"{names.unroutable!r}, where only a controller answers, and was cancelled; start "
+        f"`modelfleet controller` in namespace {names.ns!r}"
+    )
+
+
+Unsure = Literal["unsure"]
+UNSURE: Unsure = "unsure"  # a look that failed or took too long
+
+
+class Look(NamedTuple):
+    """What a passive declaration of a queue tells."""
+
+    consumers: int
+    messages: int
+
+
 class QueueLooks:
-    """Consumer counts of queues by passive declaration, each reused for ``max_age_s`` (I/O).
+    """Consumer and message counts of queues by passive declaration, each reused for
+    ``max_age_s`` (I/O).
 
     One plain channel, opened on demand (a look at a missing queue closes it: NOT_FOUND). A look
     that fails or takes too long answers :data:`UNKNOWN`; concurrent looks at one queue share
@@ -126,37 +159,45 @@ class QueueLooks:
         self._max_age_s = max_age_s
         self._clock = clock
         self._channel: AbstractChannel | None = None
-        self._seen: dict[str, tuple[float, int | None]] = {}
-        self._inflight: dict[str, asyncio.Future[int | None]] = {}
-
-    def cached(self, queue: str) -> int | None:
-        """The last count of ``queue`` (None: missing), or UNKNOWN if never looked at."""
-        seen = self._seen.get(queue)
-        return self.UNKNOWN if seen is None else seen[1]
+        self._seen: dict[str, tuple[float, Look | None]] = {}
+        self._inflight: dict[str, asyncio.Future[Look | Unsure | None]] = {}
 
     async def consumers(self, queue: str, *, fresh: bool = False) -> int | None:
         """The consumer count of ``queue``; None if it does not exist; UNKNOWN if unsure.
         ``fresh``: look now, whatever an earlier look found (before acting on an absence)."""
+        look = await self.look(queue, fresh=fresh)
+        if look == UNSURE:
+            return self.UNKNOWN
+        return None if look is None else look.consumers
+
+    async def messages(self, queue: str, *, fresh: bool = False) -> int:
+        """The message count of ``queue``; UNKNOWN if missing or unsure."""
+        look = await self.look(queue, fresh=fresh)
+        return look.messages if isinstance(look, Look) else self.UNKNOWN
+
+    async def look(self, queue: str, *, fresh: bool = False) -> Look | Unsure | None:
+        """The counts of ``queue``; None if it does not exist; UNSURE if the look failed."""
         seen = self._seen.get(queue)
         if not fresh and seen is not None and self._clock() - seen[0] < self._max_age_s:
             return seen[1]
         inflight = self._inflight.get(queue)
         if inflight is not None:
             return await asyncio.shield(inflight)
-        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Look | Unsure | None] = asyncio.get_running_loop().create_future()
         self._inflight[queue] = future
+        result: Look | Unsure | None = UNSURE
         try:
-            count = await self._look(queue)
+            result = await self._look(queue)
         finally:
             del self._inflight[queue]
-        future.set_result(count)
-        if count != self.UNKNOWN:
-            self._seen[queue] = (self._clock(), count)
+            future.set_result(result)  # also when cancelled: the others get "unsure"
+        if not isinstance(result, str):
+            self._seen[queue] = (self._clock(), result)
             if len(self._seen) > 1024:  # one entry per model looked at: keep it bounded
                 self._seen.pop(next(iter(self._seen)))
-        return count
+        return result
 
-    async def _look(self, queue: str) -> int | None:
+    async def _look(self, queue: str) -> Look | Unsure | None:
         try:
             async with asyncio.timeout(LOOK_TIMEOUT_S):
                 channel = self._channel
@@ -169,10 +210,10 @@ class QueueLooks:
                 except aiormq.exceptions.ChannelNotFoundEntity:
                     return None
                 result = declared.declaration_result
-                return int(result.consumer_count or 0)
+                return Look(int(result.consumer_count or 0), int(result.message_count or 0))
         except Exception as exc:  # the connection is down or the broker refused: not sure
             log.debug("could not look at queue %s: %s", queue, exc)
-            return self.UNKNOWN
+            return UNSURE
 
     async def aclose(self) -> None:
         channel, self._channel = self._channel, None

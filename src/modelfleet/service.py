@@ -9,6 +9,7 @@ import signal
 
 from modelfleet.config import Settings
 from modelfleet.controller import Controller
+from modelfleet.errors import ConfigError
 from modelfleet.http import StatusServer
 
 __all__ = ["ControllerService", "build_controller"]
@@ -25,11 +26,20 @@ class ControllerService:
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
-        await self.controller.start()
+        # The port first: a port in use fails in milliseconds, before any broker work.
         try:
             await self.server.start()
-        except OSError:
-            await self.controller.stop()
+        except OSError as exc:
+            await self.server.stop()
+            raise ConfigError(
+                f"http.host/http.port: cannot serve the status API on "
+                f"{self.server.host}:{self.server.port} ({exc.strerror or exc}): another "
+                "controller there? pick another with --port or http.port"
+            ) from None
+        try:
+            await self.controller.start()
+        except BaseException:
+            await self.server.stop()
             raise
         log.info("status API on %s (/v1/models /v1/workers /healthz /metrics)", self.server.url)
 

@@ -867,11 +867,15 @@ class Worker:
         if consumers == QueueLooks.UNKNOWN:
             return
         now = time.monotonic()
+        was_seen = self.controllers.ever_seen
         self.controllers.saw(consumers, now)
         if consumers and self._warned_unserved:
             self._warned_unserved = False
             log.info(
-                "worker %s: a controller serves namespace %s again", self.worker_id, self.names.ns
+                "worker %s: a controller serves namespace %s %s",
+                self.worker_id,
+                self.names.ns,
+                "again" if was_seen else "now",
             )
             return
         absent_s = self.controllers.absent_for(now)

@@ -19,6 +19,7 @@ from modelfleet.handlers import echo, fake_llm
 from modelfleet.jobs import Job
 from tests.conftest import Namespace
 from tests.gateway.support import sse_lines, stack
+from tests.helpers import wait_for
 
 USER: Any = [{"role": "user", "content": "say it"}]
 
@@ -168,3 +169,69 @@ async def test_metrics_and_one_log_line_per_request(
     for line, parts in zip(served, expected, strict=True):
         assert all(part in line for part in parts), line
         assert " duration=" in line
+
+
+def gateway_lines(caplog: pytest.LogCaptureFixture, prefix: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "modelfleet.gateway" and r.getMessage().startswith(prefix)
+    ]
+
+
+async def test_a_stream_that_fails_midway_is_logged_and_counted_as_an_error(
+    ns: Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="modelfleet.gateway")
+    model = ns.model("breaks")
+
+    async def breaks(job: Job) -> AsyncIterator[dict[str, str]]:
+        yield {"text": "fine"}
+        if "break" in json.dumps(job.payload["messages"]):
+            raise RuntimeError("the GPU caught fire")
+
+    endpoint = "/v1/chat/completions"
+    prefix = f"POST {endpoint} "
+    async with stack(ns) as s:
+        await s.add_worker(breaks, model)
+        http = s.http()
+        body = {"model": model, "stream": True}
+        whole = await http.post(endpoint, json={**body, "messages": USER})
+        broken = await http.post(
+            endpoint, json={**body, "messages": [{"role": "user", "content": "break"}]}
+        )
+        # The line is written once the answer is complete: wait for both.
+        await wait_for(lambda: len(gateway_lines(caplog, prefix)) == 2, timeout=10, what="2 lines")
+        metrics = (await http.get("/metrics")).text
+    assert (whole.status_code, broken.status_code) == (200, 200)
+    assert json.loads(sse_lines(broken.text)[-1])["error"]["code"] == 50001
+    ok_line, failed_line = gateway_lines(caplog, prefix)
+    assert "status=200" in ok_line
+    assert "error=" not in ok_line
+    assert "status=200" in failed_line
+    assert failed_line.endswith(" error=WORKER_ERROR"), failed_line
+    errors = "modelfleet_gateway_stream_errors_total"
+    assert sample(metrics, errors, endpoint=endpoint, code="WORKER_ERROR") == 1
+    assert sample(metrics, errors) == 1  # the whole stream is no error
+    assert sample(metrics, "modelfleet_gateway_requests_total", endpoint=endpoint) == 2
+
+
+async def test_the_gateway_log_has_its_own_request_lines_only(
+    ns: Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    """httpx logs each request at INFO ("HTTP Request: GET .../v1/models"): the gateway's calls
+    to the controller's status API are not lines of its log."""
+    caplog.set_level(logging.INFO)
+    model = ns.model()
+    async with stack(ns) as s:
+        await s.add_worker(fake_llm, model)
+        http = s.http()
+        listed = await http.get("/v1/models")
+        one = await http.get(f"/v1/models/{model}")
+        await wait_for(
+            lambda: len(gateway_lines(caplog, "GET /v1/models")) == 2, timeout=10, what="2 lines"
+        )
+    assert (listed.status_code, one.status_code) == (200, 200)
+    http_client_lines = [r.getMessage() for r in caplog.records if r.name.startswith("http")]
+    assert http_client_lines == []  # httpx, httpcore
+    assert f"model={model} " in gateway_lines(caplog, "GET /v1/models/")[0]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -112,7 +114,11 @@ async def test_gateway_and_upstream_worker_commands(
         for proc in (gateway, worker):
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=20) == 0, processes.log("gateway")
-        assert "OpenAI-compatible gateway on" in processes.log("gateway")
+        gateway_log = processes.log("gateway")
+        assert "OpenAI-compatible gateway on" in gateway_log
+        # Its own request lines, not httpx's lines about its calls to the status API.
+        assert "GET /v1/models status=200" in gateway_log
+        assert "HTTP Request:" not in gateway_log, gateway_log
     finally:
         upstream.stop()
 
@@ -133,3 +139,29 @@ def test_worker_upstream_flags_are_checked(processes: Processes) -> None:
     )
     assert both.wait(timeout=20) == 2
     assert "--upstream and --handler exclude each other" in processes.log("both")
+
+
+def test_gateway_on_a_busy_port_or_a_foreign_host_is_one_line_and_exit_2(
+    processes: Processes,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        busy = processes.spawn("busy", "gateway", "--port", str(port))
+        assert busy.wait(timeout=30) == 2, processes.log("busy")
+    # stderr is no terminal here: the one line is the JSON form of the failure.
+    [line] = processes.log("busy").splitlines()
+    assert json.loads(line) == {
+        "error": "CONFIG_ERROR",
+        "message": f"gateway.port {port} on 127.0.0.1 is in use (another gateway?): pick "
+        "another with --port or gateway.port",
+    }
+    # 192.0.2.1 (TEST-NET-1) is no address of this machine.
+    foreign = processes.spawn("foreign", "gateway", "--host", "192.0.2.1", "--port", "0")
+    assert foreign.wait(timeout=30) == 2, processes.log("foreign")
+    [line] = processes.log("foreign").splitlines()
+    failure = json.loads(line)
+    assert failure["error"] == "CONFIG_ERROR"
+    assert failure["message"].startswith("gateway.host 192.0.2.1 cannot be bound (")
+    assert failure["message"].endswith("with --host or gateway.host")

@@ -155,6 +155,37 @@ async def test_completion_and_streamed_completion(ns: Namespace) -> None:
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+async def test_a_prompt_list_is_one_prompt_or_refused(ns: Namespace) -> None:
+    """A request is one job with one answer: a list of one prompt is that prompt; a list of
+    several is refused naming ``prompt`` (never answered for its first prompt only), whatever
+    the handler."""
+    model, plain = ns.model(), ns.model("plain")
+
+    async def plain_text(job: Job) -> str:
+        return "plain answer"
+
+    async with stack(ns) as s:
+        await s.add_worker(fake_llm, model)
+        await s.add_worker(plain_text, plain)
+        client = s.openai()
+        one = await client.completions.create(model=model, prompt=["one two"])
+        refused: list[openai.BadRequestError] = []
+        for served in (model, plain):
+            for stream in (False, True):
+                with pytest.raises(openai.BadRequestError) as info:
+                    await client.completions.create(
+                        model=served, prompt=["one two", "three"], stream=stream
+                    )
+                refused.append(info.value)
+    assert [c.text for c in one.choices] == ["one two"]
+    for error in refused:
+        body: Any = error.body
+        assert body["param"] == "prompt"
+        assert body["code"] == 40001
+        assert "2 prompts" in body["message"]
+        assert error.response.headers["x-should-retry"] == "false"
+
+
 async def test_plain_handler_answers_are_wrapped_in_openai_shapes(ns: Namespace) -> None:
     """Any handler can sit behind the gateway: modelfleet's plain {"text": ...} is wrapped."""
     model = ns.model()

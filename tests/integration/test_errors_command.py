@@ -25,7 +25,7 @@ from modelfleet import cli
 from modelfleet.client import Client
 from modelfleet.config import Settings
 from modelfleet.errors import WorkerError
-from modelfleet.errors_admin import RETURNS_WARNING, list_errors, parse_version
+from modelfleet.errors_admin import KNOWN_REASONS, RETURNS_WARNING, list_errors, parse_version
 from modelfleet.jobs import Job
 from modelfleet.topology import Topology
 from modelfleet.worker import Worker
@@ -316,15 +316,20 @@ async def test_replay_wait_reports_each_answer(
     assert (
         f"replayed {good} to model {model} as job {good} (was worker_error): answered (ok)" in out
     )
-    assert (
+    poison_line = [line for line in out.splitlines() if poison in line]
+    assert len(poison_line) == 1, out  # said once, on stdout
+    assert poison_line[0].startswith(
         f"replayed {poison} to model {model} as job {poison} (was worker_error): failed again "
         "with WORKER_ERROR: "
-    ) in out
-    failure = error_of(err)
-    assert failure["error"] == "WORKER_ERROR" and failure["code"] == 50001
-    assert failure["job_id"] == poison and failure["model"] == model
-    assert "failed again" in failure["message"] and "poison pill" in failure["message"]
+    )
+    assert "poison pill" in poison_line[0]
     assert "answered ok 1, failed again 1, no answer 0" in out
+    # stderr: one summary failure, not the job's failure a second time.
+    assert len(err.splitlines()) == 1, err
+    assert json.loads(err) == {
+        "error": "REPLAY_FAILED",
+        "message": "1 of 2 replayed jobs failed again",
+    }
     assert handler.ran == ["good"]
 
     # The poison pill is back in the error queue, counted as replayed once.
@@ -350,9 +355,11 @@ async def test_replay_wait_says_when_no_answer_came(ns: Namespace, run: Cli) -> 
     assert record["job_id"] == job and record["as_job"] == job
     assert record["outcome"] == "no_answer"
     assert record["answer_to"] == "amq.rabbitmq.reply-to"
-    failure = error_of(err)
-    assert failure["error"] == "WORKER_TIMEOUT" and failure["job_id"] == job
-    assert "did not answer within 2s" in failure["message"]
+    assert len(err.splitlines()) == 1, err  # the outcome is in the document: one summary
+    assert json.loads(err) == {
+        "error": "REPLAY_FAILED",
+        "message": "1 of 1 replayed job did not answer within 2s",
+    }
 
     # Its new deadline passed unrouted: the broker dead-letters it again, marked replayed once.
     async def back() -> bool:
@@ -360,6 +367,77 @@ async def test_replay_wait_says_when_no_answer_came(ns: Namespace, run: Cli) -> 
         return [(j.job_id, j.reason, j.replayed) for j in jobs] == [(job, "expired", 1)]
 
     await wait_for(back, timeout=10, what="the expired replay back in the error queue")
+
+
+async def no_record_copy(ns: Namespace) -> str:
+    """A copy in the error queue that records neither reason nor model (no x-mf-* headers, no
+    x-death, no routing key): its reason is "unknown", its model cannot be told."""
+    job_id = uuid.uuid4().hex
+    async with broker(ns.amqp_url) as connection:
+        channel = await connection.channel(publisher_confirms=True)
+        dead = await Topology(ns.names).declare_dead(channel)
+        message = aio_pika.Message(b"{}", message_id=job_id, timestamp=time.time())
+        await dead.publish(message, routing_key="")
+    return job_id
+
+
+async def test_replay_reports_a_job_it_could_not_replay_once(ns: Namespace, run: Cli) -> None:
+    model = ns.model()
+    good = await dead_letter(ns, model=model, reason="expired", error="late")
+    orphan = await no_record_copy(ns)
+    await wait_errors(ns, 2)
+    await declare_base(ns)
+
+    code, out, err = await run("errors", "replay", "--all")
+    assert code == 1
+    assert f"replayed {good} to model {model} as job {good} (was expired)" in out
+    orphan_lines = [line for line in out.splitlines() if orphan in line]
+    assert len(orphan_lines) == 1, out
+    assert orphan_lines[0].startswith(
+        f"not replayed {orphan} (model ?, was unknown): INVALID_MODEL"
+    )
+    assert orphan_lines[0].endswith(f"; left in {ns.names.errors}")
+    assert len(err.splitlines()) == 1, err
+    assert json.loads(err) == {
+        "error": "REPLAY_FAILED",
+        "message": f"1 of 2 chosen jobs not replayed, left in {ns.names.errors}",
+    }
+    await expect_errors(ns, 1)
+    remaining, _ = await list_errors(ns.settings())
+    assert [j.job_id for j in remaining] == [orphan]
+
+
+async def test_reason_must_be_one_a_copy_can_have(ns: Namespace, run: Cli) -> None:
+    model = ns.model()
+    rejected = await rejected_by_broker(ns, model)
+    orphan = await no_record_copy(ns)
+    await dead_letter(ns, model=model, reason="worker_error", error="boom")
+    await wait_errors(ns, 3)
+
+    async def refused(*args: str) -> dict[str, Any]:
+        """A command argparse refuses: exit 2 (SystemExit), nothing on stdout, one failure."""
+        with pytest.raises(SystemExit) as info:
+            await run(*args)
+        out, err = run.capsys.readouterr()
+        assert (info.value.code, out) == (2, "")
+        assert len(err.splitlines()) == 1, err
+        failure: dict[str, Any] = json.loads(err)
+        return failure
+
+    failure = await refused("errors", "list", "--reason", "bogus")
+    assert failure["error"] == "USAGE"
+    assert "argument --reason: invalid choice: 'bogus'" in failure["message"]
+    for reason in KNOWN_REASONS:
+        assert repr(reason) in failure["message"]
+    failure = await refused("errors", "purge", "--all", "--reason", "worker-error", "--yes")
+    assert failure["error"] == "USAGE"
+    await expect_errors(ns, 3)  # nothing purged
+
+    # The broker's reasons and "unknown" are reasons too.
+    for reason, job in (("rejected", rejected), ("unknown", orphan)):
+        code, out, _ = await run("errors", "list", "--json", "--reason", reason)
+        assert code == 0
+        assert [j["job_id"] for j in json.loads(out)["jobs"]] == [job]
 
 
 async def test_replay_says_where_the_answer_goes(ns: Namespace, run: Cli) -> None:

@@ -80,7 +80,7 @@ async def test_a_worker_without_a_controller_says_why_in_its_log(
 
     fleet.controller()
     await fleet.wait_routable(model, workers=1)
-    await _wait_for_log("worker-*.log", fleet, f"a controller serves namespace {ns.name} again")
+    await _wait_for_log("worker-*.log", fleet, f"a controller serves namespace {ns.name} now")
 
 
 async def test_status_names_the_namespace_and_the_controller(
@@ -99,10 +99,13 @@ async def test_status_names_the_namespace_and_the_controller(
 
     as_json = json.loads((await _cli(fleet, "status", "--json")).stdout)
     assert as_json["namespace"] == ns.name and as_json["controller"]["url"] == fleet.status_url
+    assert as_json["namespace_matches"] is True
 
     # Asked about another namespace, status says the controller it reads serves another one.
     other = await _cli(fleet, "status", "--namespace", other_ns.name)
     assert f"serves namespace {ns.name!r}, not {other_ns.name!r}" in other.stdout
+    other_json = await _cli(fleet, "status", "--json", "--namespace", other_ns.name)
+    assert json.loads(other_json.stdout)["namespace_matches"] is False
 
 
 async def test_a_handler_file_in_the_current_directory_is_found(
@@ -196,3 +199,20 @@ def test_failures_read_as_a_sentence_on_a_terminal_and_as_json_when_asked(
     code, text = _on_a_terminal(ns, "submit", "--model", "m")
     assert code == 2 and "usage: modelfleet submit" in text
     assert "modelfleet: USAGE: " in text
+
+
+def test_a_controller_on_a_busy_port_says_so_in_one_line(ns: Namespace, tmp_path: Path) -> None:
+    import socket
+
+    fleet = Fleet(ns, tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = fleet.run_cli("controller", "--port", str(port))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    error = json.loads(lines[0])
+    assert error["error"] == "CONFIG_ERROR" and str(port) in error["message"]
+    assert "--port" in error["message"]

@@ -1,5 +1,6 @@
 """The pure decisions behind ``modelfleet errors``: job id prefixes, the order of a listing,
-when a job died, and which RabbitMQ versions warrant the delivery-limit warning. No broker."""
+when a job died, which RabbitMQ versions warrant the delivery-limit warning, and the one failure
+a replay ends with. No broker."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from modelfleet.errors_admin import (
     match_job_ids,
     order_by_age,
     parse_version,
+    replay_failure,
     returns_warning,
 )
 
@@ -151,3 +153,29 @@ def test_the_warning_waits_until_a_copy_was_returned_often() -> None:
     assert warning is not None
     assert "RabbitMQ 4.1.0" in warning and "returned 12 times" in warning
     assert "delivery-limit" in warning and "ns\\.errors" in warning
+
+
+# --- the failure a replay ends with -------------------------------------------------------------
+
+
+def test_a_replay_where_everything_went_well_has_no_failure() -> None:
+    assert replay_failure(replayed=3, queue="ns.errors") is None
+    assert replay_failure(replayed=0, queue="ns.errors") is None
+
+
+def test_a_replay_failure_counts_each_kind_of_outcome_once() -> None:
+    assert replay_failure(replayed=3, failed_again=1, queue="ns.errors") == (
+        "1 of 3 replayed jobs failed again"
+    )
+    assert replay_failure(replayed=1, no_answer=1, waited_s=6.0, queue="ns.errors") == (
+        "1 of 1 replayed job did not answer within 6s"
+    )
+    assert replay_failure(replayed=0, not_replayed=2, queue="ns.errors") == (
+        "2 of 2 chosen jobs not replayed, left in ns.errors"
+    )
+    assert replay_failure(
+        replayed=4, not_replayed=1, failed_again=2, no_answer=1, waited_s=2.5, queue="ns.errors"
+    ) == (
+        "2 of 4 replayed jobs failed again; 1 of 4 replayed jobs did not answer within 2.5s; "
+        "1 of 5 chosen jobs not replayed, left in ns.errors"
+    )

@@ -1,11 +1,13 @@
 """The gateway app's own checks, in process and without a broker: API keys, body size,
 request validation, refused parameters, retry headers, /models against a controller status
-API, /metrics, the request log, settings."""
+API, /metrics, the request log, settings, the message for a port that cannot be taken."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,7 +29,7 @@ from modelfleet.errors import (
     OverloadedError,
     WorkerError,
 )
-from modelfleet.gateway import build_app
+from modelfleet.gateway import bind_error, build_app
 from modelfleet.gateway_errors import (
     answer_for,
     answer_for_status,
@@ -36,7 +38,7 @@ from modelfleet.gateway_errors import (
     no_worker_answer,
     validation_message,
 )
-from modelfleet.gateway_metrics import GatewayMetrics, endpoint_label
+from modelfleet.gateway_metrics import GatewayMetrics, RequestRecord, endpoint_label
 
 
 @pytest.fixture
@@ -219,6 +221,9 @@ async def test_a_body_without_content_type_is_read_as_json(http: httpx.AsyncClie
         ("/v1/completions", {"model": "m", "prompt": "x", "best_of": 2}, "best_of"),
         ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user"}], "n": 0}, "n"),
         ("/v1/chat/completions", {"model": "m", "messages": [{}], "stop": 3}, "stop"),
+        ("/v1/completions", {"model": "m", "prompt": ["one two", "three"]}, "prompt"),
+        ("/v1/completions", {"model": "m", "prompt": [[1, 2], [3]]}, "prompt"),
+        ("/v1/completions", {"model": "m", "prompt": []}, "prompt"),
     ],
 )
 async def test_parameters_a_job_cannot_honour_are_refused(
@@ -396,6 +401,84 @@ async def test_each_request_is_logged_once(
     assert "model=llama" in line
     assert "job=-" in line  # refused before any job
     assert "stream=false" in line
+
+
+async def test_the_log_line_of_one_model_names_it(
+    http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="modelfleet.gateway")
+    await http.get("/v1/models/org/llama-3", headers=GOOD)  # 503: no controller
+    lines = [r.getMessage() for r in caplog.records if r.name == "modelfleet.gateway"]
+    assert len(lines) == 1
+    assert lines[0].startswith("GET /v1/models/org/llama-3 status=503 ")
+    assert " model=org/llama-3 " in lines[0]
+
+
+async def test_what_a_caller_sends_cannot_start_a_log_line_of_its_own(
+    http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="modelfleet.gateway")
+    await http.get("/v1/models/two%0Alines", headers=GOOD)
+    body = {"model": "fake\nGET /", "messages": [{"role": "user", "content": "x"}], "n": 2}
+    await http.post("/v1/chat/completions", headers=GOOD, json=body)
+    lines = [r.getMessage() for r in caplog.records if r.name == "modelfleet.gateway"]
+    assert len(lines) == 2
+    assert all("\n" not in line for line in lines)
+    assert lines[0].startswith("GET /v1/models/two\\nlines status=404 ")
+    assert " model=fake\\nGET / " in lines[1]
+
+
+def test_a_failed_stream_says_so_in_its_log_line() -> None:
+    record = RequestRecord(
+        method="POST", path="/v1/chat/completions", endpoint="/v1/chat/completions", started=0.0
+    )
+    record.status, record.model, record.stream = 200, "m", True
+    assert "error=" not in record.log_line(0.5)
+    record.error = "WORKER_ERROR"
+    line = record.log_line(0.5)
+    assert line.startswith("POST /v1/chat/completions status=200 duration=0.500s model=m ")
+    assert line.endswith(" stream=true error=WORKER_ERROR")
+
+
+# -- a port or host the gateway cannot take ------------------------------------------------------
+
+
+def test_a_port_in_use_is_one_line_naming_the_setting_and_the_flag() -> None:
+    in_use = OSError(errno.EADDRINUSE, "Address already in use")
+    assert bind_error("127.0.0.1", 8090, in_use) == (
+        "gateway.port 8090 on 127.0.0.1 is in use (another gateway?): pick another with --port "
+        "or gateway.port"
+    )
+
+
+@pytest.mark.parametrize(
+    ("exc", "starts", "names"),
+    [
+        (
+            OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address"),
+            "gateway.host 192.0.2.1 cannot be bound (Cannot assign requested address)",
+            "--host or gateway.host",
+        ),
+        (
+            socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+            "gateway.host 192.0.2.1 cannot be bound (Name or service not known)",
+            "--host or gateway.host",
+        ),
+        (
+            OSError(errno.EACCES, "Permission denied"),
+            "gateway.port 80 on 192.0.2.1 cannot be used (Permission denied; ports below 1024",
+            "--port or gateway.port",
+        ),
+    ],
+)
+def test_a_host_or_port_that_cannot_be_bound_is_one_line(
+    exc: OSError, starts: str, names: str
+) -> None:
+    port = 80 if exc.errno == errno.EACCES else 8090
+    message = bind_error("192.0.2.1", port, exc)
+    assert message.startswith(starts)
+    assert message.endswith(names)
+    assert "\n" not in message
 
 
 def test_gateway_api_keys_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:

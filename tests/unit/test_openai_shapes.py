@@ -44,6 +44,7 @@ from modelfleet.openai_shapes import (
     is_openai_chunk,
     is_openai_response,
     parse_sse_data,
+    prompt_count,
     refused_param,
     sse,
     stop_sequences,
@@ -165,12 +166,23 @@ async def test_fake_embeddings_are_deterministic_unit_vectors() -> None:
         ({"endpoint": "completions", "prompt": "x", "echo": True}, "'echo'"),
         ({"endpoint": "completions", "prompt": "x", "suffix": "end"}, "'suffix'"),
         ({"endpoint": "completions", "prompt": "x", "best_of": 3}, "'best_of'"),
+        ({"endpoint": "completions", "prompt": ["one two", "three"]}, "'prompt'"),
+        ({"endpoint": "completions", "prompt": [[1, 2], [3]]}, "'prompt'"),
+        ({"endpoint": "completions", "prompt": []}, "'prompt'"),
     ],
 )
 async def test_fake_llm_refuses_bad_openai_payloads(payload: dict[str, Any], says: str) -> None:
     with pytest.raises(InvalidJobError, match=says) as info:
         await run(payload)
     assert invalid_param(info.value.message) == says.strip("'")  # the gateway's `param`
+
+
+async def test_fake_llm_answers_a_batch_of_one_prompt_as_that_prompt() -> None:
+    _, listed = await run({"endpoint": "completions", "prompt": ["one two"]})
+    assert listed["choices"][0]["text"] == "one two"
+    assert len(listed["choices"]) == 1
+    _, tokens = await run({"endpoint": "completions", "prompt": [[1, 2]]})
+    assert tokens["choices"][0]["text"] == "[1, 2]"  # token ids: their JSON text
 
 
 async def test_fake_llm_ignores_what_a_deterministic_model_may_ignore() -> None:
@@ -453,6 +465,36 @@ def test_refused_params_are_n_and_best_of_above_one() -> None:
     assert "n=3" in refused[1]
     assert refused_param("completions", {"best_of": 2}) is not None
     assert refused_param("chat.completions", {"best_of": 2}) is None  # not a chat parameter
+
+
+def test_prompt_count() -> None:
+    assert prompt_count("one two") == 1
+    assert prompt_count(["one two"]) == 1
+    assert prompt_count([1, 2, 3]) == 1  # one prompt, as token ids
+    assert prompt_count(["one two", "three"]) == 2
+    assert prompt_count([[1, 2], [3]]) == 2
+    assert prompt_count([[1, 2]]) == 1
+    assert prompt_count([]) == 0
+
+
+def test_a_list_of_several_prompts_is_refused_naming_prompt() -> None:
+    refused = refused_param("completions", {"prompt": ["one two", "three"]})
+    assert refused is not None
+    param, message = refused
+    assert param == "prompt"
+    assert "2 prompts" in message
+    assert "send 2 requests" in message
+    assert refused_param("completions", {"prompt": [[1], [2], [3]]}) is not None
+    empty = refused_param("completions", {"prompt": []})
+    assert empty is not None
+    assert empty[0] == "prompt"
+    for one in ("one two", ["one two"], [1, 2], [[1, 2]]):
+        assert refused_param("completions", {"prompt": one}) is None, one
+    # n is named first when both are wrong; chat has no prompt.
+    both = refused_param("completions", {"n": 2, "prompt": ["a", "b"]})
+    assert both is not None
+    assert both[0] == "n"
+    assert refused_param("chat.completions", {"prompt": ["a", "b"]}) is None
 
 
 def test_invalid_param_is_the_quoted_name_a_refusal_starts_with() -> None:
