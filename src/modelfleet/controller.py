@@ -141,6 +141,9 @@ CONSUMER_CHECK_S = 1.0
 # Backoff of re-arming a consumer and of retrying a model's failed bind/unbind.
 BACKOFF_MIN_S = 0.25
 BACKOFF_MAX_S = 30.0
+# stop(): cancel what still runs this many times, waiting this long each time.
+STOP_CANCEL_ROUNDS = 5
+STOP_WAIT_S = 2.0
 # The heartbeat consumer's backoff stays short: without it the controller is blind.
 HB_BACKOFF_MAX_S = 5.0
 # A binding channel closed this long (its own reopen failed) is replaced by a new one.
@@ -398,11 +401,22 @@ class Controller:
 
     async def stop(self) -> None:
         self._stop.set()
-        for task in [*self._tasks, *self._drains.values()]:
-            task.cancel()
-        for task in [*self._tasks, *self._drains.values()]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        tasks = {*self._tasks, *self._drains.values()}
+        # A cancel can be swallowed (Python 3.11's wait_for, a loop that survives errors): the
+        # loops also end on the stop flag, and a task still running is cancelled again rather
+        # than waited for forever.
+        for _ in range(STOP_CANCEL_ROUNDS):
+            tasks = {task for task in tasks if not task.done()}
+            if not tasks:
+                break
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+        for task in tasks:
+            if not task.done():
+                log.error("controller %s: task %s did not stop", self.instance, task.get_name())
+            elif not task.cancelled() and task.exception() is not None:
+                log.debug("task %s ended with %r", task.get_name(), task.exception())
         self._tasks.clear()
         self._drains.clear()
         if self._connection is not None:
@@ -571,7 +585,10 @@ class Controller:
         interval = self.settings.heartbeat.interval_s
         self._probe_seen_at = self.clock()
         channel: AbstractChannel | None = None
-        while True:
+        # Not `while True`: Python 3.11's wait_for can swallow a cancellation that meets the
+        # inner task's end, and a loop that survives errors would then run on after stop();
+        # the stop flag ends it whatever happened to the cancel.
+        while not self._stop.is_set():
             try:
                 if channel is not None and channel.is_closed and self._connected():
                     # Publishing to a deleted exchange closes the channel: start a new one
@@ -841,7 +858,7 @@ class Controller:
 
     async def _sweep_loop(self) -> None:
         interval = self.settings.heartbeat.sweep_interval_s
-        while True:
+        while not self._stop.is_set():  # see _probe_loop
             try:
                 self.sweep()
                 await asyncio.wait_for(self._apply_routing(), ROUND_TIMEOUT_S)
@@ -1212,7 +1229,7 @@ class Controller:
 
     async def _stats_loop(self) -> None:
         interval = self.settings.routing.stats_interval_s
-        while True:
+        while not self._stop.is_set():  # see _probe_loop
             try:
                 await asyncio.wait_for(self.refresh_queue_counts(), ROUND_TIMEOUT_S)
                 await asyncio.wait_for(self._send_notices(), ROUND_TIMEOUT_S)
