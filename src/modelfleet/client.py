@@ -603,9 +603,8 @@ class Client:
                 if now - self._warned_no_controller_at > _WATCHDOG_LOG_EVERY_S:
                     self._warned_no_controller_at = now
                     log.warning(
-                        "no controller serves namespace %r (nothing consumes %r): a job for a "
-                        "model whose queue no controller has bound waits for one until its "
-                        "deadline",
+                        "no controller serves namespace %r (nothing consumes %r): jobs are sent "
+                        "one at a time, and one that no bound queue takes fails with NO_WORKER",
                         self.names.ns,
                         self.names.unroutable,
                     )
