@@ -288,8 +288,22 @@ def _describe(error: ValidationError) -> str:
         message = "unknown setting"
     shown = first.get("input")
     if first["type"] != "extra_forbidden" and not isinstance(shown, dict):
+        if isinstance(shown, str):
+            shown = mask_secrets(shown)
+        elif "api_keys" in key or "password" in key:
+            shown = "***"
         return f"{key}: {message} (got {shown!r})"
     return f"{key}: {message}"
+
+
+# user:password@ in anything that looks like a URL (even a malformed one).
+_URL_PASSWORD = re.compile(r"(//[^/:@\s]*:)[^@\s]*@")
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` in it masked, so that
+    no settings error echoes a credential."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 # Short names accepted for some settings (section -> short -> canonical).

@@ -9,7 +9,7 @@ an operation touches (``configure`` = declare/delete, ``write`` = publish/bind a
 * controller: configure ``^NS\\.``, write ``^(NS\\..*|amq\\.default)$``, read ``^NS\\.``
 * worker: configure ``^NS\\.(model|control)\\.``,
   write ``^(NS\\.heartbeats|NS\\.dead|NS\\.control\\..*|amq\\.default)$``,
-  read ``^NS\\.(model\\.|control)``
+  read ``^NS\\.(model\\..+|control|control\\..+)$`` (not ``NS.controller.<id>``)
 * producer: configure ``^$`` (nothing), write ``^NS\\.(jobs|control)$``, read ``^$`` (nothing)
 
 * The **controller** does everything in the namespace: declares it, binds and unbinds model
@@ -102,7 +102,9 @@ def grants(namespace: str, prefix: str | None = None) -> list[RoleGrant]:
         "worker": (
             f"^{ns}\\.(model|control)\\.",
             f"^({ns}\\.heartbeats|{ns}\\.dead|{ns}\\.control\\..*|{default})$",
-            f"^{ns}\\.(model\\.|control)",
+            # Anchored at both ends: `NS.control` and `NS.control.<id>`, never
+            # `NS.controller.<id>` (the controller's heartbeat queue; its id is public).
+            f"^{ns}\\.(model\\..+|control|control\\..+)$",
         ),
         # Producers publish jobs, and cancel messages to `NS.control`.
         "producer": (NOTHING, f"^{ns}\\.(jobs|control)$", NOTHING),

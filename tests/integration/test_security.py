@@ -235,6 +235,33 @@ async def test_a_worker_cannot_bind_queues_to_the_jobs_exchange(
         assert arrived is not None and arrived.routing_key == model
 
 
+async def test_a_worker_login_cannot_read_the_controllers_queues(
+    ns: Namespace, users: Users
+) -> None:
+    """Issue 12, item 3: the worker role's read rule matched ``NS.controller.<id>`` (the id is
+    public on /healthz), so a leaked worker login could consume or purge the controller's
+    heartbeats. Now the broker refuses both; the controller keeps hearing its probe."""
+    settings = ns.settings(amqp={"url": users.url("controller")})
+    async with Controller(settings) as controller:
+        targets = [
+            ns.names.controller_queue(controller.instance),
+            ns.names.dead_tap(controller.instance),
+            ns.names.errors,
+            ns.names.unroutable,
+        ]
+        async with broker(users.url("worker")) as worker:
+            for name in targets:
+                channel = await worker.channel()
+                queue = await channel.get_queue(name, ensure=False)
+                with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+                    await queue.consume(_ignore)
+                channel = await worker.channel()
+                queue = await channel.get_queue(name, ensure=False)
+                with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+                    await queue.purge()
+        assert controller.healthy or controller.listen_only
+
+
 async def _get_within(queue: AbstractQueue, seconds: float) -> AbstractIncomingMessage | None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

@@ -337,3 +337,20 @@ def test_startup_listen_defaults_to_heartbeat_timeout() -> None:
     assert settings.startup_listen_s == 4.0
     explicit = settings_from_mapping({"routing": {"startup_listen_s": 0}})
     assert explicit.startup_listen_s == 0.0
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://bob:s3cret@host/", "amqp://bob:s3cret@host:99999/", "amqp://bob:s3cret@/"],
+)
+def test_a_bad_url_in_an_error_never_shows_its_password(url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping({"amqp": {"url": url}})
+    assert "s3cret" not in str(caught.value)
+    assert "bob:***@" in str(caught.value)  # the rest is shown: the user can find the typo
+
+
+def test_a_bad_api_key_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping({"gateway": {"api_keys": [12345678]}})
+    assert "12345678" not in str(caught.value) and "gateway.api_keys" in str(caught.value)

@@ -78,6 +78,17 @@ def test_regexes_allow_each_role_only_its_part() -> None:
     assert _allowed(worker.write, n.control_queue("w1"))
     assert _allowed(worker.read, n.control_queue("w1"))
     assert _allowed(worker.read, n.control)
+    # ... but nothing else of the namespace: not the controller's own queues (whose id is
+    # public on /healthz), nor the error, unroutable or catalog queues.
+    for name in (
+        n.controller_queue("c1"),
+        n.dead_tap("c1"),
+        n.errors,
+        n.unroutable,
+        n.catalog,
+        "prod.controlX",
+    ):
+        assert not _allowed(worker.read, name), name
 
     # A producer: publishes jobs and cancels, nothing else (direct reply-to needs no permission).
     assert _allowed(producer.write, n.jobs)
