@@ -225,6 +225,16 @@ class GatewaySettings(_Section):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     # Deadline of each request's job, from publish to last chunk (504 after it).
     timeout_s: float = Field(300.0, gt=0)
+    # A connection must send a whole request head within this (from its opening, or from the
+    # previous answer), and then its whole body within this again, or it is closed (a slow
+    # body gets 408): no client can hold a connection by sending nothing, or slowly.
+    read_timeout_s: float = Field(30.0, gt=0)
+    # Open connections served at once; a request on a connection beyond them gets 503, and such
+    # a connection must send its request within a second.
+    max_connections: int = Field(1000, ge=1)
+    # Listen beyond loopback (a host other than 127.0.0.1, ::1 or localhost) with no api_keys:
+    # refused at start unless this is true, and even then logged as a WARNING.
+    allow_unauthenticated: bool = False
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -13,8 +13,9 @@ JSON object with the code name in ``error``, and for a job failure its numeric `
 The code names besides the job error codes (:class:`~modelfleet.errors.ErrorCode`):
 ``USAGE`` (bad command-line input, exit 2), ``CONFIG_ERROR`` (bad settings, exit 2),
 ``BROKER_ERROR`` (RabbitMQ or the controller unreachable or refusing, exit 3),
-``NOT_FOUND`` (nothing matched what was asked for, exit 1) and ``REPLAY_FAILED`` (``errors
-replay`` sent a job that was not replayed, failed again or got no answer, exit 1).
+``NOT_FOUND`` (nothing matched what was asked for, exit 1), ``REPLAY_FAILED`` (``errors
+replay`` sent a job that was not replayed, failed again or got no answer, exit 1) and
+``PURGE_SKIPPED`` (``errors purge --all`` left broken entries alone, exit 1).
 """
 
 from __future__ import annotations

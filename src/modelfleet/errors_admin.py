@@ -100,11 +100,14 @@ from modelfleet.topology import (
 
 __all__ = [
     "KNOWN_REASONS",
+    "MAX_JSON_DEPTH",
     "MIN_PREFIX",
+    "PURGE_SKIPPED",
     "REPLAY_FAILED",
     "UNKNOWN_REASON",
     "Aged",
     "Answer",
+    "Body",
     "DeadJob",
     "ErrorQueue",
     "ErrorQueueMissing",
@@ -116,13 +119,17 @@ __all__ = [
     "add_errors_parser",
     "counts_returns_towards_limit",
     "death_time",
+    "escape_control",
+    "json_depth",
     "list_errors",
     "match_job_ids",
     "order_by_age",
+    "parse_body",
     "parse_version",
     "purge_errors",
     "replay_errors",
     "replay_failure",
+    "replay_headers",
     "returns_warning",
     "run_errors",
     "show_error",
@@ -183,6 +190,19 @@ KNOWN_REASONS = (
 # The failure `errors replay` ends with when a chosen job was not replayed or, under --wait,
 # failed again or did not answer (each job's own outcome is on stdout).
 REPLAY_FAILED = "REPLAY_FAILED"
+# The failure `errors purge` ends with when it left broken entries in the queue.
+PURGE_SKIPPED = "PURGE_SKIPPED"
+
+# Anyone who may publish jobs can plant entries (the controller copies a job for an unknown
+# model here as it came): bodies are parsed only when they nest at most this deep, and a body
+# that is not shown as JSON is shown as an excerpt of at most BODY_EXCERPT characters.
+MAX_JSON_DEPTH = 100
+BODY_EXCERPT = 1000
+# x-mf-replayed above this is no count we wrote: read as 0 (and never overflows when added to).
+MAX_REPLAYED = 1_000_000
+# Headers of ours, by prefix: a replay rebuilds them and drops every other one (a producer may
+# have set any of them on the job the entry was copied from).
+OUR_HEADER_PREFIX = "x-mf-"
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # a job failed (again), or nothing matched (NOT_FOUND)
@@ -196,8 +216,11 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _jsonable(value: Any) -> Any:
-    """AMQP table values (bytes, datetime, Decimal, nested tables) as JSON-friendly values."""
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    """AMQP table values (bytes, datetime, Decimal, nested tables) as JSON-friendly values;
+    tables and lists nested deeper than MAX_JSON_DEPTH are cut off (shown as "…")."""
+    if depth > MAX_JSON_DEPTH:
+        return "…"
     if isinstance(value, bytes):
         return value.decode(errors="replace")
     if isinstance(value, datetime):
@@ -205,15 +228,128 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Decimal):
         return float(value)
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, depth + 1) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
 
 
 # -- pure logic ------------------------------------------------------------------------------
+
+# C0 controls, DEL, C1 controls (0x9b is a one-byte CSI), the Unicode line separators and the
+# bidirectional overrides and isolates (text that reads differently from how it is stored).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def _escaped(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_control(text: str) -> str:
+    r"""``text`` safe to print for a person: every control character (C0 including newline and
+    tab, DEL, C1, line separators, bidi overrides) written as a Python escape, so an entry
+    cannot move the cursor, recolour or clear the terminal, or break a table's lines.
+
+    >>> escape_control("job\x1b[2Jid")
+    'job\\x1b[2Jid'
+    """
+    return _CONTROL.sub(_escaped, text)
+
+
+def _safe_lines(text: str) -> str:
+    """Several lines to print: each escaped, the newlines between them kept."""
+    return "\n".join(escape_control(line) for line in text.split("\n"))
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(data: bytes | str, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deeply arrays and objects nest in JSON text, counted without recursion (brackets in
+    strings do not count); counting stops past ``limit`` (the result is then ``limit + 1``).
+    Not a validator: for text that is not JSON it is some number, never an error.
+
+    >>> json_depth(b'{"a": [1, {"b": "[[["}]}')
+    3
+    """
+    raw = data.encode("utf-8", errors="surrogatepass") if isinstance(data, str) else data
+    depth = deepest = 0
+    for bracket in _JSON_BRACKETS.findall(_JSON_STRING.sub(b"", raw)):
+        if bracket in (b"[", b"{"):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    return limit + 1
+        else:
+            depth = max(0, depth - 1)
+    return deepest
+
+
+@dataclass(frozen=True)
+class Body:
+    """A job body as the error-queue tools show and replay it (see :func:`parse_body`)."""
+
+    format: str  # "json", or "text" (not JSON: shown as an excerpt)
+    value: Any  # the parsed JSON, or the excerpt
+    problem: str | None = None  # why it is not shown as JSON, when it could have been
+
+
+def _excerpt(body: bytes, width: int = BODY_EXCERPT) -> str:
+    text = body[: width * 4].decode(errors="replace")
+    return text if len(text) <= width and len(body) <= width * 4 else text[:width] + "…"
+
+
+def parse_body(body: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Body:
+    """A body parsed as JSON when it is UTF-8 JSON nesting at most ``max_depth`` levels; else a
+    short excerpt and the problem. Never raises (no RecursionError, however deep).
+
+    >>> parse_body(b'{"v": 1}')
+    Body(format='json', value={'v': 1}, problem=None)
+    >>> parse_body(b"[" * 500).problem
+    'JSON nested deeper than 100 levels'
+    """
+    if json_depth(body, max_depth) > max_depth:
+        return Body("text", _excerpt(body), f"JSON nested deeper than {max_depth} levels")
+    try:
+        return Body("json", json.loads(body))
+    except UnicodeDecodeError:
+        return Body("text", _excerpt(body), "not UTF-8")
+    except (ValueError, RecursionError) as exc:
+        return Body("text", _excerpt(body), f"not JSON ({str(exc)[:100]})")
+
+
+def _replayed_count(value: Any) -> int:
+    """x-mf-replayed as we write it (a positive int up to MAX_REPLAYED), else 0."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_REPLAYED:
+        return value
+    return 0
+
+
+def replay_headers(
+    headers: Mapping[str, Any] | None, *, replayed: int, deadline_ms: int
+) -> dict[str, Any]:
+    """The headers of a replayed job: the entry's own headers without the record of its death
+    and without any ``x-mf-*`` header (a producer may have set any of them), and ours rebuilt
+    from what the command knows: ``x-mf-replayed`` (``replayed``, the times it was replayed
+    before, plus one) and ``x-mf-deadline`` (integer epoch milliseconds).
+
+    >>> replay_headers({"x-mf-reason": "no_worker", "x-mf-evil": 1, "trace": "t"},
+    ...                replayed=0, deadline_ms=5)
+    {'trace': 't', 'x-mf-replayed': 1, 'x-mf-deadline': 5}
+    """
+    kept = {
+        k: v
+        for k, v in (headers or {}).items()
+        if k not in _DEATH_HEADERS and not str(k).lower().startswith(OUR_HEADER_PREFIX)
+    }
+    kept[REPLAYED_HEADER] = min(max(replayed, 0), MAX_REPLAYED) + 1
+    kept[DEADLINE_HEADER] = deadline_ms
+    return kept
 
 
 def _epoch(value: Any) -> float | None:
@@ -414,9 +550,35 @@ class DeadJob:
     # The broker's x-delivery-count: grows with every read, ours included. Not a property of
     # the job; used only for the delivery-limit warning (see the module doc).
     broker_returns: int
+    body: Body = field(repr=False, default_factory=lambda: Body("json", None))
+    # Why the entry is broken (a body that is not JSON, nested too deep; control characters in
+    # its id or model; unreadable headers): `replay --all` and `purge --all` skip it and say so.
+    problem: str | None = None
 
     @classmethod
     def of(cls, message: AbstractIncomingMessage, names: Names) -> DeadJob:
+        """The copy as a job; an entry that cannot be read as one (a producer can plant any
+        headers) is a job with a :attr:`problem`, never an exception that stops a scan."""
+        try:
+            return cls._of(message, names)
+        except Exception as exc:  # anything a hostile entry can make the reading raise
+            job_id = message.message_id if isinstance(message.message_id, str) else None
+            return cls(
+                message=message,
+                job_id=job_id or "?",
+                model="?",
+                reason=UNKNOWN_REASON,
+                error=f"unreadable entry: {type(exc).__name__}",
+                died_at=None,
+                died_at_source="unknown",
+                replayed=0,
+                broker_returns=0,
+                body=parse_body(message.body),
+                problem=f"unreadable entry ({type(exc).__name__}: {str(exc)[:100]})",
+            )
+
+    @classmethod
+    def _of(cls, message: AbstractIncomingMessage, names: Names) -> DeadJob:
         headers = message.headers or {}
         # Our header; else the model queue the broker dead-lettered it from; else the routing
         # key (the model, for jobs published to the jobs exchange).
@@ -437,16 +599,25 @@ class DeadJob:
         died_at, source = death_time(
             headers, stamp.timestamp() if isinstance(stamp, datetime) else None
         )
+        job_id = message.message_id or message.correlation_id or "?"
+        body = parse_body(message.body)
+        problem = body.problem and f"body {body.problem}"
+        if _CONTROL.search(job_id):
+            problem = "job id holds control characters"
+        elif _CONTROL.search(model):
+            problem = "model name holds control characters"
         return cls(
             message=message,
-            job_id=message.message_id or message.correlation_id or "?",
+            job_id=job_id,
             model=model,
             reason=reason,
             error=error,
             died_at=died_at,
             died_at_source=source,
-            replayed=replayed if isinstance(replayed, int) and replayed > 0 else 0,
+            replayed=_replayed_count(replayed),
             broker_returns=count if isinstance(count, int) else 0,
+            body=body,
+            problem=problem,
         )
 
     def age_s(self, now: float | None = None) -> float | None:
@@ -466,6 +637,7 @@ class DeadJob:
             "age_s": None if age is None else round(age, 3),
             "replayed": self.replayed,
             "error": self.error,
+            "problem": self.problem,
         }
 
     def details(self, now: float | None = None) -> dict[str, Any]:
@@ -488,21 +660,14 @@ class DeadJob:
             "routing_key": m.routing_key,
             "exchange": m.exchange,
         }
-        body: Any
-        try:
-            body = json.loads(m.body)
-            body_format = "json"
-        except (ValueError, UnicodeDecodeError):
-            body = m.body.decode(errors="replace")
-            body_format = "text"
         headers = {k: v for k, v in (m.headers or {}).items() if k not in _BROKER_COUNT_HEADERS}
         return {
             **self.summary(now),
             "properties": {k: v for k, v in properties.items() if v not in (None, "")},
             "headers": _jsonable(headers),
-            "body_format": body_format,
+            "body_format": self.body.format,
             "body_bytes": len(m.body),
-            "body": body,
+            "body": self.body.value,
         }
 
 
@@ -543,7 +708,7 @@ class JobIdError(LookupError):
         self.error = match.error
         parts: list[str] = []
         for given, ids in match.ambiguous.items():
-            shown = ", ".join(ids[:_MAX_CANDIDATES])
+            shown = ", ".join(escape_control(i) for i in ids[:_MAX_CANDIDATES])
             more = f" and {len(ids) - _MAX_CANDIDATES} more" if len(ids) > _MAX_CANDIDATES else ""
             parts.append(
                 f"job id prefix {given!r} is ambiguous, it starts {len(ids)} job ids: "
@@ -753,18 +918,13 @@ def replay_message(
     source = job.message
     now = time.time() if now is None else now
     deadline = now + timeout_s
-    headers: dict[str, Any] = {
-        k: v for k, v in (source.headers or {}).items() if k not in _DEATH_HEADERS
-    }
-    previous = headers.get(REPLAYED_HEADER)
-    headers[REPLAYED_HEADER] = (previous if isinstance(previous, int) else 0) + 1
-    # Integer epoch milliseconds, as modelfleet.client sends it.
-    headers[DEADLINE_HEADER] = round(deadline * 1000)
+    # Ours rebuilt, every other x-mf-* dropped; integer epoch milliseconds, as the client sends.
+    headers = replay_headers(
+        source.headers, replayed=job.replayed, deadline_ms=round(deadline * 1000)
+    )
     body = source.body
-    try:
-        decoded = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        decoded = None  # not a job a worker can run anyway: replayed as it was
+    parsed = parse_body(body)  # depth-limited: never a RecursionError
+    decoded = parsed.value if parsed.format == "json" else None
     if isinstance(decoded, dict):
         decoded["deadline"] = deadline
         decoded["sent_at"] = now
@@ -882,6 +1042,12 @@ async def replay_errors(
         for job in chosen:
             if job.job_id in done:
                 continue
+            if job.problem is not None:
+                # Skipped, said, left in the queue: it does not stop the jobs after it.
+                outcome.failed.append(
+                    NotReplayed(job, ErrorCode.INVALID_JOB.name, f"broken entry: {job.problem}")
+                )
+                continue
             try:
                 check_model_name(job.model)
             except ValueError as exc:
@@ -889,12 +1055,22 @@ async def replay_errors(
                     NotReplayed(job, ErrorCode.INVALID_MODEL.name, f"cannot tell its model: {exc}")
                 )
                 continue
-            message = replay_message(
-                job,
-                timeout_s=timeout,
-                keep_reply_to=keep_reply_to,
-                reply_to=DIRECT_REPLY_TO if replies is not None else None,
-            )
+            try:
+                message = replay_message(
+                    job,
+                    timeout_s=timeout,
+                    keep_reply_to=keep_reply_to,
+                    reply_to=DIRECT_REPLY_TO if replies is not None else None,
+                )
+            except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+                outcome.failed.append(
+                    NotReplayed(
+                        job,
+                        ErrorCode.INVALID_JOB.name,
+                        f"broken entry: cannot rebuild it ({type(exc).__name__})",
+                    )
+                )
+                continue
             if replies is not None:
                 replies.expect(job.job_id)
             try:
@@ -941,10 +1117,19 @@ async def purge_errors(
     *,
     confirm: Callable[[list[DeadJob]], bool | Awaitable[bool]] | None = None,
     max_scan: int = DEFAULT_MAX_SCAN,
+    skipped: list[DeadJob] | None = None,
 ) -> list[DeadJob]:
-    """Delete the chosen copies; ``confirm`` (when given) sees them first and may say no."""
+    """Delete the chosen copies; ``confirm`` (when given) sees them first and may say no.
+
+    Unless the selection names job ids, broken entries (:attr:`DeadJob.problem`) are not
+    deleted but left in the queue and appended to ``skipped``: naming one deletes it."""
     async with ErrorQueue.open(settings) as errors:
         chosen = order_by_age(await errors.scan(selection, max_scan=max_scan))
+        if not selection.job_ids:
+            broken = [job for job in chosen if job.problem is not None]
+            chosen = [job for job in chosen if job.problem is None]
+            if skipped is not None:
+                skipped.extend(broken)
         if not chosen:
             return []
         if confirm is not None:
@@ -1123,12 +1308,14 @@ def render_table(jobs: Sequence[DeadJob], now: float | None = None) -> str:
     headers = ["JOB_ID", "MODEL", "REASON", "AGE", "REPLAYED", "ERROR"]
     rows = [
         [
-            j.job_id,
-            j.model,
-            j.reason,
+            escape_control(j.job_id),
+            escape_control(j.model),
+            escape_control(j.reason),
             format_age(j.age_s(now)),
             str(j.replayed),
-            _shorten(j.error, 70),
+            escape_control(
+                _shorten(f"BROKEN ({j.problem}): {j.error}" if j.problem else j.error, 70)
+            ),
         ]
         for j in jobs
     ]
@@ -1153,7 +1340,7 @@ def render_details(copies: Sequence[DeadJob], queue: str) -> str:
     parts: list[str] = []
     for index, job in enumerate(copies, start=1):
         d = job.details()
-        title = f"job {job.job_id}"
+        title = f"job {escape_control(job.job_id)}"
         if len(copies) > 1:
             title += f" (copy {index} of {len(copies)})"
         lines = [
@@ -1163,6 +1350,7 @@ def render_details(copies: Sequence[DeadJob], queue: str) -> str:
             f"  died:      {_died(job)}",
             f"  replayed:  {d['replayed']} time(s) before (x-mf-replayed)",
             f"  error:     {d['error']}",
+            *([f"  broken:    {job.problem}"] if job.problem else []),
             "properties:",
             *(f"  {k}: {v}" for k, v in d["properties"].items()),
             "headers:",
@@ -1176,7 +1364,10 @@ def render_details(copies: Sequence[DeadJob], queue: str) -> str:
             body = json.dumps(d["body"], indent=2, ensure_ascii=False, default=str)
         else:
             body = d["body"]
-        lines += ["  " + line for line in body.splitlines() or [""]]
+        # Every line escaped (json.dumps leaves C1 controls and separators as they are); a
+        # text body's own line breaks are kept as lines, the rest shown as escapes.
+        lines = [escape_control(line) for line in lines]
+        lines += ["  " + escape_control(line) for line in body.split("\n") or [""]]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
@@ -1385,14 +1576,16 @@ async def _run_replay(
                     f"again into {names.errors}"
                 )
         if not json_mode:
-            print(line)
+            print(escape_control(line))
         records.append(record)
     if not json_mode:
         for refused in outcome.failed:
             job = refused.job
             print(
-                f"not replayed {job.job_id} (model {job.model}, was {job.reason}): "
-                f"{refused.error}: {refused.message}; left in {names.errors}"
+                escape_control(
+                    f"not replayed {job.job_id} (model {job.model}, was {job.reason}): "
+                    f"{refused.error}: {refused.message}; left in {names.errors}"
+                )
             )
     if json_mode:
         document = {
@@ -1461,16 +1654,44 @@ async def _run_purge(
         assert confirm is not None
         return confirm(jobs)
 
+    skipped: list[DeadJob] = []
     purged = await purge_errors(
-        settings, selection, confirm=counted if confirm else None, max_scan=args.max_scan
+        settings,
+        selection,
+        confirm=counted if confirm else None,
+        max_scan=args.max_scan,
+        skipped=skipped,
     )
-    if not purged and not asked:
+    if not purged and not asked and not skipped:
         return _nothing_matched(names, json_mode)
     if json_mode:
         jobs = [{"job_id": j.job_id, "model": j.model, "reason": j.reason} for j in purged]
-        print(json.dumps({"queue": names.errors, "purged": jobs}, indent=2))
+        document = {
+            "queue": names.errors,
+            "purged": jobs,
+            "skipped": [
+                {"job_id": j.job_id, "model": j.model, "reason": j.reason, "problem": j.problem}
+                for j in skipped
+            ],
+        }
+        print(json.dumps(document, indent=2))
     else:
         for job in purged:
-            print(f"purged {job.job_id} (model {job.model}, {job.reason})")
+            print(escape_control(f"purged {job.job_id} (model {job.model}, {job.reason})"))
+        for job in skipped:
+            print(
+                escape_control(
+                    f"skipped {job.job_id} (model {job.model}, {job.reason}): broken entry: "
+                    f"{job.problem}; left in {names.errors} (purge it by its id)"
+                )
+            )
         print(f"{len(purged)} job copy(ies) purged from {names.errors}")
+    if skipped:
+        report_error(
+            PURGE_SKIPPED,
+            f"{len(skipped)} broken {_jobs(len(skipped))} skipped, left in {names.errors}; "
+            "name them to purge them",
+            json_mode=json_mode,
+        )
+        return EXIT_FAILED
     return EXIT_OK if purged else EXIT_FAILED  # declined at the prompt: nothing done

@@ -45,6 +45,13 @@ to the status API) are kept out of the log (the ``httpx`` logger is set to WARNI
 
 A port in use or a host that cannot be bound fails :meth:`Gateway.start` with a one-line
 :class:`~modelfleet.errors.ConfigError` (``modelfleet gateway`` prints it and exits 2).
+
+Exposure: each connection must send a whole request head within ``gateway.read_timeout_s``
+(from its opening, or from its previous answer) and then its body within that again, or it is
+closed (a body too slow gets 408); at most ``gateway.max_connections`` connections are served,
+a request on one beyond them gets 503 (and such a connection must send it within a second).
+Listening beyond loopback with no ``gateway.api_keys`` is refused at start (a one-line
+ConfigError) unless ``gateway.allow_unauthenticated`` is true, and then logged as a WARNING.
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from modelfleet import __version__
 from modelfleet.client import Client, JobStream
@@ -99,12 +107,15 @@ from modelfleet.openai_shapes import (
     sse,
     stop_sequences,
 )
+from modelfleet.security import is_loopback
 
 __all__ = [
     "Gateway",
     "bind_error",
     "build_app",
     "default_controller_url",
+    "exposure_error",
+    "is_exposed",
     "run_gateway",
     "status_of",
 ]
@@ -121,6 +132,9 @@ _DRAIN_LIMIT = 8 * 1024 * 1024
 _CONTROLLER_TIMEOUT_S = 5.0
 # NO_WORKER waits at most this long for the status API to say whether the model is known.
 _NO_WORKER_LOOKUP_S = 1.0
+# A connection beyond gateway.max_connections must send its request head within this, seconds
+# (it then gets 503): a flood of silent connections is dropped fast.
+_OVER_LIMIT_HEAD_S = 1.0
 
 
 def status_of(exc: JobError) -> tuple[int, str]:
@@ -194,10 +208,18 @@ class _Guard:
     unauthorised request never reaches JSON parsing.
     """
 
-    def __init__(self, app: ASGIApp, *, api_keys: Sequence[str], max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_keys: Sequence[str],
+        max_body_bytes: int,
+        read_timeout_s: float | None = None,
+    ) -> None:
         self.app = app
         self.api_keys = [key.encode() for key in api_keys]
         self.max_body_bytes = max_body_bytes
+        self.read_timeout_s = read_timeout_s
 
     def _authorized(self, scope: Scope) -> bool:
         for name, value in scope.get("headers", []):
@@ -242,14 +264,30 @@ class _Guard:
         too_large = declared is not None and (not declared.isdigit() or int(declared) > limit)
         body = bytearray()
         more = True
-        while more and len(body) <= limit + _DRAIN_LIMIT:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            body += message.get("body", b"")
-            more = bool(message.get("more_body", False))
-            if len(body) > limit:
-                too_large = True
+        try:
+            # The whole body within gateway.read_timeout_s: a byte now and then holds nothing.
+            async with asyncio.timeout(self.read_timeout_s):
+                while more and len(body) <= limit + _DRAIN_LIMIT:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    body += message.get("body", b"")
+                    more = bool(message.get("more_body", False))
+                    if len(body) > limit:
+                        too_large = True
+        except TimeoutError:
+            await _send_json(
+                send,
+                408,
+                error_body(
+                    f"request body not received within gateway.read_timeout_s "
+                    f"({self.read_timeout_s:g} s; {len(body)} bytes came)",
+                    "invalid_request_error",
+                    code="request_timeout",
+                ),
+                [(b"connection", b"close"), (b"x-should-retry", b"false")],
+            )
+            return None
         if too_large:
             size = declared.decode() if declared is not None else f"more than {limit}"
             await _send_json(
@@ -642,7 +680,10 @@ def build_app(
         return _error(answer_for_status(exc.status_code), message, code=code)
 
     app.add_middleware(
-        _Guard, api_keys=list(gateway.api_keys), max_body_bytes=gateway.max_body_bytes
+        _Guard,
+        api_keys=list(gateway.api_keys),
+        max_body_bytes=gateway.max_body_bytes,
+        read_timeout_s=gateway.read_timeout_s,
     )
     # Outermost: sees the guard's 401 and 413 too.
     app.add_middleware(RequestObserver, metrics=metrics)
@@ -665,6 +706,79 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield  # the Gateway handles SIGTERM/SIGINT itself, and closes its client after
+
+
+class _TimedH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on each request head.
+
+    uvicorn bounds only the idle time after an answer (``timeout_keep_alive``): a connection
+    that sends nothing, or half a request head, stays open forever. Here a connection must
+    send a whole request head within :attr:`read_timeout_s` of its opening or of its previous
+    answer, else it is closed (the body's own deadline is the guard's: 408). A connection
+    opened beyond :attr:`max_connections` gets only :data:`_OVER_LIMIT_HEAD_S` (its request
+    is answered 503 by uvicorn's ``limit_concurrency``).
+    """
+
+    read_timeout_s: float = 30.0
+    max_connections: int = 1000
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        deadline = self.read_timeout_s
+        if len(self.connections) > self.max_connections:
+            deadline = min(deadline, _OVER_LIMIT_HEAD_S)
+        self._arm_head_timer(deadline)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_head_timer(self.read_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self, delay: float) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(delay, self._head_timeout)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        # A request being answered is the app's business (its body has the guard's deadline).
+        waiting = self.cycle is None or self.cycle.response_complete
+        if waiting and not self.transport.is_closing():
+            log.debug("closing a connection that sent no whole request head in time")
+            self.transport.close()
+
+
+def _protocol_class(read_timeout_s: float, max_connections: int) -> type[_TimedH11]:
+    class Protocol(_TimedH11):
+        pass
+
+    Protocol.read_timeout_s = read_timeout_s
+    Protocol.max_connections = max_connections
+    return Protocol
+
+
+def exposure_error(host: str) -> str:
+    """The one line refusing to serve ``host`` (beyond loopback) without API keys."""
+    return (
+        f"gateway.host {host} is reachable beyond this machine and gateway.api_keys is empty: "
+        "anyone who reaches it could run jobs; set gateway.api_keys "
+        "(MODELFLEET_GATEWAY__API_KEYS), listen on 127.0.0.1, or set "
+        "gateway.allow_unauthenticated = true to accept this"
+    )
+
+
+def is_exposed(host: str) -> bool:
+    """Does listening on ``host`` reach beyond this machine? ("" = every interface: yes.)"""
+    return host == "" or not is_loopback(host)
 
 
 def bind_error(host: str, port: int, exc: OSError | OverflowError) -> str:
@@ -755,12 +869,25 @@ class Gateway:
         line) before anything else is opened; on any failure, everything opened is closed."""
         _quiet_http_client_logs()
         sock: socket.socket | None = None
+        gateway = self.settings.gateway
         try:
             sock = _bind(self.host, self.port)
             self.port = int(sock.getsockname()[1])
+            if is_exposed(self.host) and not gateway.api_keys:
+                if not gateway.allow_unauthenticated:
+                    raise ConfigError(exposure_error(self.host))
+                log.warning(
+                    "the gateway on %s is reachable beyond this machine WITHOUT API keys "
+                    "(gateway.allow_unauthenticated = true): anyone who reaches it can run jobs",
+                    self.url,
+                )
             await self.client.connect()
             config = uvicorn.Config(
                 self.app,
+                http=_protocol_class(gateway.read_timeout_s, gateway.max_connections),
+                # A request on a connection beyond max_connections is answered 503 (uvicorn
+                # counts the asking connection among the open ones, hence the + 1).
+                limit_concurrency=gateway.max_connections + 1,
                 log_config=None,  # keep modelfleet's logging set-up
                 access_log=False,
                 lifespan="off",

@@ -171,7 +171,9 @@ async def test_the_delivery_limit_warning_needs_a_broker_that_drops_returned_cop
     await wait_errors(ns, 1)
     # Return the copy often, as many listings would: the broker counts every return.
     async with broker(ns.amqp_url) as connection:
-        version = parse_version(connection.transport.connection.server_properties["version"])
+        underlay = connection.transport
+        assert underlay is not None
+        version = parse_version(underlay.connection.server_properties["version"])
         channel = await connection.channel()
         queue = await channel.declare_queue(ns.names.errors, passive=True)
         for _ in range(RETURNS_WARNING):

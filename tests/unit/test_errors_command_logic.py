@@ -10,13 +10,18 @@ from datetime import UTC, datetime
 import pytest
 
 from modelfleet.errors_admin import (
+    MAX_JSON_DEPTH,
     MIN_PREFIX,
     counts_returns_towards_limit,
     death_time,
+    escape_control,
+    json_depth,
     match_job_ids,
     order_by_age,
+    parse_body,
     parse_version,
     replay_failure,
+    replay_headers,
     returns_warning,
 )
 
@@ -179,3 +184,73 @@ def test_a_replay_failure_counts_each_kind_of_outcome_once() -> None:
         "2 of 4 replayed jobs failed again; 1 of 4 replayed jobs did not answer within 2.5s; "
         "1 of 5 chosen jobs not replayed, left in ns.errors"
     )
+
+
+# --- hostile entries (issue 12) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("plain id-1.2/x:y", "plain id-1.2/x:y"),
+        ("\x1b[2J\x1b]0;t\x07", "\\x1b[2J\\x1b]0;t\\x07"),
+        ("a\nb\tc\rd\x00\x7f", "a\\x0ab\\x09c\\x0dd\\x00\\x7f"),
+        ("csi\x9b31m\x85", "csi\\x9b31m\\x85"),
+        ("bidi\u202egnp.exe\u2066\u2028", "bidi\\u202egnp.exe\\u2066\\u2028"),
+        ("ünïcødé ok", "ünïcødé ok"),
+    ],
+)
+def test_control_characters_are_escaped(raw: str, shown: str) -> None:
+    assert escape_control(raw) == shown
+    assert escape_control(shown) == shown  # escaping twice changes nothing more
+
+
+def test_json_depth_counts_without_recursion() -> None:
+    assert json_depth(b"1") == 0
+    assert json_depth(b'{"a": [1, {"b": "[[[{{{"}]}') == 3
+    assert json_depth('["\\"", ["\\\\"]]') == 2  # escaped quotes and backslashes in strings
+    assert json_depth(b"[" * 1_000_000) == MAX_JSON_DEPTH + 1  # stops counting past the limit
+    assert json_depth(b"[" * 10 + b"]" * 10, limit=5) == 6
+    assert json_depth(b"]]]][[") == 2  # not JSON: some number, no error
+
+
+def test_parse_body_never_raises() -> None:
+    assert parse_body(b'{"v": 1, "p": [[1]]}').value == {"v": 1, "p": [[1]]}
+    at_limit = b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH
+    assert parse_body(at_limit).format == "json"
+    deep = parse_body(b"[" * 200_000 + b"]" * 200_000)
+    assert (deep.format, deep.problem) == ("text", "JSON nested deeper than 100 levels")
+    assert len(deep.value) <= 1001  # a short excerpt
+    assert parse_body(b"\xff\xfe\x00garbage").format == "text"
+    text = parse_body(b"hello")
+    assert (text.format, text.value) == ("text", "hello")
+    assert text.problem is not None and text.problem.startswith("not JSON")
+
+
+def test_replay_headers_are_rebuilt_not_copied() -> None:
+    planted = {
+        "x-mf-reason": "no_worker",
+        "x-mf-error": "e",
+        "x-mf-model": "m",
+        "x-mf-died-at": 1,
+        "x-mf-deadline": 1,
+        "x-mf-replayed": 10**12,
+        "x-mf-rerouted": 1,
+        "x-mf-anything": "planted",
+        "X-MF-Upper": "planted",
+        "x-death": [{"reason": "expired"}],
+        "x-delivery-count": 3,
+        "traceparent": "00-abc",
+    }
+    headers = replay_headers(planted, replayed=2, deadline_ms=1_700_000_000_000)
+    assert headers == {
+        "traceparent": "00-abc",
+        "x-mf-replayed": 3,
+        "x-mf-deadline": 1_700_000_000_000,
+    }
+    assert replay_headers(None, replayed=0, deadline_ms=5) == {
+        "x-mf-replayed": 1,
+        "x-mf-deadline": 5,
+    }
+    # However large a count a caller passes, the header stays a sane 64-bit number.
+    assert replay_headers({}, replayed=2**63, deadline_ms=5)["x-mf-replayed"] <= 10**7
