@@ -23,3 +23,23 @@ async def wait_for(
         if loop.time() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
         await asyncio.sleep(interval)
+
+
+def broker_connections(name: str) -> int:
+    """How many connections the broker lists whose AMQP client properties name ``name``
+    (rabbitmqctl; the test fails if it is not installed)."""
+    import os
+    import shutil
+    import subprocess
+
+    rabbitmqctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    if not os.path.exists(rabbitmqctl):
+        pytest.fail("this test counts broker connections with rabbitmqctl")
+    listing = subprocess.run(
+        [rabbitmqctl, "list_connections", "client_properties", "-q"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    return sum(f'"{name}"' in line for line in listing.splitlines())

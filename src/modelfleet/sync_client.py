@@ -227,6 +227,13 @@ class SyncClient:
     def closed(self) -> bool:
         return self._state == _CLOSED
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop of the client's thread while connected (None before and after): for
+        your own coroutines, with ``asyncio.run_coroutine_threadsafe(coro, client.loop)``."""
+        runner = self._runner
+        return None if runner is None else runner.loop
+
     def __enter__(self) -> SyncClient:
         self.connect()
         return self

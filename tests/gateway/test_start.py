@@ -6,10 +6,7 @@ from its side."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import socket
-import subprocess
 import uuid
 
 import pytest
@@ -19,7 +16,7 @@ from modelfleet.errors import ConfigError
 from modelfleet.gateway import Gateway
 from tests.conftest import Namespace
 from tests.gateway.support import gateway_settings
-from tests.helpers import wait_for
+from tests.helpers import broker_connections, wait_for
 
 
 def named_settings(ns: Namespace) -> tuple[Settings, str]:
@@ -27,21 +24,6 @@ def named_settings(ns: Namespace) -> tuple[Settings, str]:
     name = f"mft-gateway-{uuid.uuid4().hex[:8]}"
     separator = "&" if "?" in ns.amqp_url else "?"
     return gateway_settings(ns, amqp={"url": f"{ns.amqp_url}{separator}name={name}"}), name
-
-
-def connections_named(name: str) -> int:
-    """How many connections the broker has whose AMQP client property names ``name``."""
-    rabbitmqctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    if not os.path.exists(rabbitmqctl):
-        pytest.fail("this test counts broker connections with rabbitmqctl")
-    listing = subprocess.run(
-        [rabbitmqctl, "list_connections", "client_properties", "-q"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout
-    return sum(f'"{name}"' in line for line in listing.splitlines())
 
 
 def gateway_tasks() -> list[asyncio.Task[object]]:
@@ -63,16 +45,16 @@ async def test_a_busy_port_is_a_config_error_and_leaves_nothing_open(ns: Namespa
     )
     assert not gateway.client.ready
     assert gateway_tasks() == []
-    assert await asyncio.to_thread(connections_named, name) == 0
+    assert await asyncio.to_thread(broker_connections, name) == 0
 
     # The same settings on a free port: it starts, and the broker sees its connection (so the
     # count above could see one), which stop() closes.
     async with Gateway(settings) as served:
         assert served.client.ready
-        assert await asyncio.to_thread(connections_named, name) >= 1
+        assert await asyncio.to_thread(broker_connections, name) >= 1
 
     async def closed() -> bool:
-        return await asyncio.to_thread(connections_named, name) == 0
+        return await asyncio.to_thread(broker_connections, name) == 0
 
     await wait_for(closed, timeout=15, interval=0.5, what="the gateway's connection closed")
 

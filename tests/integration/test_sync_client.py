@@ -12,10 +12,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
-import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -39,7 +37,7 @@ from modelfleet.errors import (
 from modelfleet.handlers import fake_llm
 from modelfleet.jobs import Final, Job
 from tests.conftest import Namespace
-from tests.helpers import wait_for
+from tests.helpers import broker_connections, wait_for
 from tests.integration.support import Holding, fleet
 
 T = TypeVar("T")
@@ -61,19 +59,6 @@ async def sync_client(settings: Settings) -> AsyncIterator[SyncClient]:
         yield client
     finally:
         await asyncio.to_thread(client.close)
-
-
-def broker_connections(name: str) -> int:
-    """How many connections named ``name`` the broker lists (rabbitmqctl)."""
-    rabbitmqctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    listing = subprocess.run(
-        [rabbitmqctl, "list_connections", "client_properties", "-q"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout
-    return sum(f'"{name}"' in line for line in listing.splitlines())
 
 
 async def in_threads(count: int, work: Callable[[int], T]) -> list[T]:
@@ -130,11 +115,9 @@ async def test_eight_threads_submit_at_once_and_each_gets_its_own_results(
     barrier = threading.Barrier(8)
     async with fleet(settings, handle, model, concurrency=50), sync_client(settings) as client:
         assert client.settings.event_loop == event_loop
-        runner = client._runner
-        assert runner is not None
         # "auto" is uvloop (installed with modelfleet), "asyncio" asyncio's own loop.
         expected = "uvloop" if event_loop == "auto" else "asyncio"
-        assert type(runner.loop).__module__.split(".")[0] == expected
+        assert type(client.loop).__module__.split(".")[0] == expected
         assert len(sync_threads() - before) == 1  # one thread, however many callers
 
         def work(index: int) -> tuple[int, list[Any]]:
@@ -224,7 +207,7 @@ async def test_the_errors_are_the_async_clients(ns: Namespace) -> None:
         yield Final(job.payload)
 
     async with fleet(ns.settings(), handle, model) as f, sync_client(ns.settings()) as client:
-        await wait_for(f.controller._heard_everyone, what="the controller to hear everyone")
+        await wait_for(lambda: not f.controller.listen_only, what="the controller's listen window")
 
         def submit(model_name: str, payload: Any, timeout: float = 5) -> BaseException:
             with pytest.raises(Exception) as caught:
@@ -496,8 +479,8 @@ async def test_a_forked_child_is_told_to_make_its_own_client(ns: Namespace) -> N
 
 async def test_a_blocking_call_from_the_clients_own_loop_thread_raises(ns: Namespace) -> None:
     async with sync_client(ns.settings()) as client:
-        runner = client._runner
-        assert runner is not None and runner.loop is not None
+        loop = client.loop
+        assert loop is not None
         calls: dict[str, Callable[[], object]] = {
             "submit": lambda: client.submit("m", None),
             "stream": lambda: client.stream("m", None),
@@ -516,7 +499,7 @@ async def test_a_blocking_call_from_the_clients_own_loop_thread_raises(ns: Names
                     caught[name] = None
             return caught
 
-        future = asyncio.run_coroutine_threadsafe(inside(), runner.loop)
+        future = asyncio.run_coroutine_threadsafe(inside(), loop)
         caught = await asyncio.wait_for(asyncio.wrap_future(future), 5)
         for name, error in caught.items():
             assert isinstance(error, RuntimeError), (name, error)
